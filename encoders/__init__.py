@@ -1,0 +1,1 @@
+"""Encoders: the frozen content encoder (CEG) and its ONNX runtime."""
