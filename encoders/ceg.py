@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from encoders.runtime import METADATA_FILE, ONNX_FILE
 
-METADATA_FILE = "encoder.json"
-ONNX_FILE = "model.onnx"
+log = logging.getLogger(__name__)
 
 
 def default_model_path() -> Path:
@@ -133,3 +132,18 @@ def export_onnx(config: CEGConfig, out_dir: Path) -> Path:
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
     tmp_path.replace(onnx_path)  # last: a present model.onnx means a complete export
     return out_dir
+
+
+def check_parity(config: CEGConfig, export_dir: Path, texts: list[str] | None = None) -> float:
+    """Minimum cosine between the ONNX export and torch over sample texts (1.0 is perfect)."""
+    from encoders.runtime import OnnxContentEncoder
+
+    texts = texts or [
+        "The Joy of Cooking. Category: cookbooks. A classic American kitchen reference.",
+        "Dune",
+        "",
+        "A long description " * 200,
+    ]
+    onnx_vectors = OnnxContentEncoder(export_dir).encode(texts)
+    torch_vectors = encode_with_torch(FrozenContentEncoder(config), load_tokenizer(config), texts).numpy()
+    return float((onnx_vectors * torch_vectors).sum(axis=1).min())  # both are L2-normalised

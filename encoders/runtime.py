@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from encoders.ceg import METADATA_FILE, ONNX_FILE
-
 log = logging.getLogger(__name__)
+
+# What `encoders.ceg.export_onnx` writes into an export folder.
+METADATA_FILE = "encoder.json"
+ONNX_FILE = "model.onnx"
 
 
 def pick_providers() -> list[str]:
@@ -85,3 +87,19 @@ class OnnxContentEncoder:
             ["sentence_embedding"], {"input_ids": input_ids, "attention_mask": attention_mask}
         )
         return embeddings
+
+
+def ensure_exported(export_dir: Path, model_path: str = "") -> Path:
+    """Export the encoder into export_dir unless a complete export is already there."""
+    export_dir = Path(export_dir)
+    if not (export_dir / ONNX_FILE).exists():
+        from encoders.ceg import CEGConfig, export_onnx  # torch: only needed to export
+
+        log.warning("no exported encoder in %s; exporting it now (once)", export_dir)
+        export_onnx(CEGConfig(model_path=model_path, name=export_dir.name), export_dir)
+    return export_dir
+
+
+def load_content_encoder(export_dir: Path, model_path: str = "", **batching) -> OnnxContentEncoder:
+    """The exported encoder in export_dir, exporting it first if it is not there yet."""
+    return OnnxContentEncoder(ensure_exported(export_dir, model_path), **batching)

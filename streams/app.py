@@ -1,0 +1,86 @@
+"""The faust app and its topics. `coldstart worker` runs it; agents live in streams.items.
+
+Settings come from the environment (coldstart.settings). In the dev profile the
+app applies the tansu broker workarounds of shared/notes/kafka-broker.md: short
+session timeouts, a 10 ms fetch wait (tansu does not wake a waiting fetch when
+data arrives) and no idempotent producer.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import faust
+from faust.transport.drivers import aiokafka as aiokafka_driver
+
+from coldstart.settings import Settings
+
+settings = Settings.from_env()
+
+DEV_FETCH_MAX_WAIT_MS = 10
+
+
+class _ShortFetchWaitThread(aiokafka_driver.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport):
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = DEV_FETCH_MAX_WAIT_MS  # faust hard-codes 1500 ms
+        return consumer
+
+
+class _ShortFetchWaitConsumer(aiokafka_driver.Consumer):
+    def _new_consumer_thread(self):
+        return _ShortFetchWaitThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _DevTransport(aiokafka_driver.Transport):
+    Consumer = _ShortFetchWaitConsumer
+
+
+class ColdstartApp(faust.App):
+    def _new_transport(self):
+        if settings.dev:
+            return _DevTransport(self.conf.broker_consumer, self)
+        return super()._new_transport()
+
+
+def _broker_credentials():
+    options = settings.kafka_client_options()
+    if "sasl_mechanism" in options:
+        return faust.SASLCredentials(
+            username=options["sasl_plain_username"],
+            password=options["sasl_plain_password"],
+            mechanism=options["sasl_mechanism"],
+            ssl_context=ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+            if "SSL" in settings.kafka_security_protocol else None,
+        )
+    if settings.kafka_security_protocol == "SSL":
+        return ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+    return None
+
+
+_dev_options = (
+    dict(broker_session_timeout=6, broker_heartbeat_interval=1, broker_rebalance_timeout=10,
+         # tansu misreports end offsets after multi-record batches; single-record
+         # changelog batches keep table recovery exact.
+         producer_max_batch_size=1)
+    if settings.dev else {}
+)
+
+app = ColdstartApp(
+    settings.consumer_group,
+    broker=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
+    broker_credentials=_broker_credentials(),
+    topic_partitions=settings.topic_partitions,
+    consumer_auto_offset_reset="earliest",
+    broker_commit_interval=1.0,
+    web_enabled=False,
+    producer_linger=0.0,
+    **_dev_options,
+)
+
+# Raw bytes in: a malformed event must reach dead-letters exactly as received.
+item_uploads_topic = app.topic("item-uploads", key_serializer="raw", value_serializer="raw")
+item_embeddings_topic = app.topic("item-embeddings", key_serializer="raw")
+dead_letters_topic = app.topic("dead-letters", key_serializer="raw")
+
+import streams.items  # noqa: E402,F401  (registers the item agent on `app`)

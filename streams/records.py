@@ -1,0 +1,42 @@
+"""Every record schema on the topics, in one place."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import List, Optional
+
+import faust
+
+
+class ItemUpload(faust.Record, serializer="json", isodates=True):
+    """A new item on `item-uploads` (key: item_id). Validated by streams.validation."""
+
+    item_id: str
+    title: str
+    uploaded_at: datetime  # event time: a newer upload of the same item_id replaces an older one
+    description: str = ""
+    category: str = ""
+    brand: str = ""
+    price: Optional[float] = None
+    tags: List[str] = []
+
+
+class ItemEmbedding(faust.Record, serializer="json", isodates=True):
+    """Published on `item-embeddings` once the vector is in the online store."""
+
+    item_id: str
+    vector: List[float]
+    model_version: str
+    event_time: datetime
+
+
+class DeadLetter(faust.Record, serializer="json", isodates=True):
+    """An event that could not be processed, with the bytes exactly as received."""
+
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+    original_base64: str  # the original value bytes, base64: they may not be valid UTF-8
+    key: Optional[str] = None
+    received_at: Optional[datetime] = None

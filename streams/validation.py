@@ -1,0 +1,116 @@
+"""Turn raw event bytes into a typed record, or say exactly why not.
+
+Rules for item uploads:
+- a JSON object with `item_id` (non-empty string), `title` (string) and
+  `uploaded_at` (ISO-8601 with a time zone, or epoch seconds);
+- optional `description`, `category`, `brand` (strings), `price` (finite number
+  ≥ 0 or null), `tags` (list of strings); unknown fields are ignored;
+- there must be some text to encode: title and description are not both blank;
+- long text is kept and truncated at encode time (encoders.text, the tokenizer);
+  more than MAX_TAGS tags are cut to the first MAX_TAGS.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+
+from streams.records import ItemUpload
+
+MAX_ID_CHARS = 256
+MAX_TAGS = 64
+
+
+class InvalidEvent(ValueError):
+    """The event cannot be processed; str(error) is the reason sent to dead-letters."""
+
+
+def parse_item_upload(raw: bytes | None) -> ItemUpload:
+    data = _json_object(raw)
+    item_id = _required_str(data, "item_id")
+    if not item_id.strip() or len(item_id) > MAX_ID_CHARS or not item_id.isprintable():
+        raise InvalidEvent(f"item_id must be 1–{MAX_ID_CHARS} printable characters")
+    title = _required_str(data, "title")
+    description = _optional_str(data, "description")
+    if not title.strip() and not description.strip():
+        raise InvalidEvent("no text to encode: title and description are both empty")
+    tags = data.get("tags")
+    if tags is None:
+        tags = []
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise InvalidEvent("tags must be a list of strings")
+    return ItemUpload(
+        item_id=item_id,
+        title=title,
+        uploaded_at=_event_time(data, "uploaded_at"),
+        description=description,
+        category=_optional_str(data, "category"),
+        brand=_optional_str(data, "brand"),
+        price=_price(data),
+        tags=tags[:MAX_TAGS],
+    )
+
+
+def _json_object(raw: bytes | None) -> dict:
+    if raw is None:
+        raise InvalidEvent("empty message (no value)")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidEvent(f"not valid JSON: {err}") from None
+    except RecursionError:
+        raise InvalidEvent("not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise InvalidEvent(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _required_str(data: dict, name: str) -> str:
+    if name not in data or data[name] is None:
+        raise InvalidEvent(f"missing required field {name!r}")
+    value = data[name]
+    if not isinstance(value, str):
+        raise InvalidEvent(f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _optional_str(data: dict, name: str) -> str:
+    value = data.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidEvent(f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _price(data: dict) -> float | None:
+    price = data.get("price")
+    if price is None:
+        return None
+    if isinstance(price, bool) or not isinstance(price, (int, float)):
+        raise InvalidEvent(f"price must be a number, got {type(price).__name__}")
+    if not math.isfinite(price) or price < 0:
+        raise InvalidEvent(f"price must be a finite number ≥ 0, got {price}")
+    return float(price)
+
+
+def _event_time(data: dict, name: str) -> datetime:
+    if name not in data or data[name] is None:
+        raise InvalidEvent(f"missing required field {name!r}")
+    value = data[name]
+    if isinstance(value, bool):
+        raise InvalidEvent(f"{name} must be an ISO-8601 string or epoch seconds, got bool")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or not 0 <= value < 32503680000:  # before year 3000
+            raise InvalidEvent(f"{name} epoch seconds out of range: {value}")
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    if not isinstance(value, str):
+        raise InvalidEvent(f"{name} must be an ISO-8601 string or epoch seconds, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidEvent(f"{name} is not an ISO-8601 time: {value[:40]!r}") from None
+    if parsed.tzinfo is None:
+        raise InvalidEvent(f"{name} needs a time zone (e.g. 2026-01-31T12:00:00Z)")
+    return parsed.astimezone(timezone.utc)
