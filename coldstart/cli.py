@@ -76,6 +76,23 @@ def apply() -> None:
 
 
 @main.command()
+@click.option("--start", type=click.DateTime(), default=None, help="Earliest event time to load (default: everything).")
+@click.option("--end", type=click.DateTime(), default=None, help="Latest event time to load (default: now).")
+def materialize(start, end) -> None:
+    """Rebuild the online store (Redis) from the offline parquet store (`feast materialize`)."""
+    from datetime import datetime, timezone
+
+    from coldstart import feature_store
+    from coldstart.settings import Settings
+
+    start = (start or datetime(1970, 1, 1)).replace(tzinfo=timezone.utc)
+    end = (end or datetime.now(timezone.utc)).replace(tzinfo=timezone.utc)
+    store = feature_store.open_store(Settings.from_env())
+    store.materialize(start_date=start, end_date=end)
+    click.echo(f"materialized {start:%Y-%m-%d %H:%M} … {end:%Y-%m-%d %H:%M} into the online store")
+
+
+@main.command()
 @click.option("--loglevel", default="info", show_default=True)
 def worker(loglevel: str) -> None:
     """Run the stream worker (faust): item-uploads → embeddings → Feast."""
