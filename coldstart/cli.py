@@ -93,6 +93,17 @@ def materialize(start, end) -> None:
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 inside a container).")
+@click.option("--port", type=int, default=6566, show_default=True)
+def serve(host: str, port: int) -> None:
+    """Run Feast's HTTP feature server on the project's store (POST /get-online-features)."""
+    from coldstart import feature_store
+    from coldstart.settings import Settings
+
+    feature_store.open_store(Settings.from_env()).serve(host=host, port=port, type_="http", workers=1)
+
+
+@main.command()
 @click.option("--loglevel", default="info", show_default=True)
 def worker(loglevel: str) -> None:
     """Run the stream worker (faust): item-uploads → embeddings → Feast."""
