@@ -60,8 +60,8 @@ def export(model_path: str, force: bool) -> None:
         return
     config = CEGConfig(model_path=model_path or settings.encoder_model_path, name=settings.encoder_name)
     export_onnx(config, Path(out_dir))
-    worst = check_parity(config, Path(out_dir))
-    click.echo(f"exported to {out_dir}; parity with torch: min cosine {worst:.6f}")
+    parity = {precision: check_parity(config, Path(out_dir), precision=precision) for precision in ("fp32", "int8")}
+    click.echo(f"exported to {out_dir}; min cosine to torch: " + ", ".join(f"{p} {c:.4f}" for p, c in parity.items()))
 
 
 @main.command()

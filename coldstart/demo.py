@@ -27,7 +27,7 @@ def load_catalogue(limit: int = 0) -> list[dict]:
 class ReadabilityWatcher(threading.Thread):
     """Polls Feast for items sent but not yet readable; records when each first appears."""
 
-    def __init__(self, store, poll_interval: float = 0.005):
+    def __init__(self, store, poll_interval: float = 0.01):
         super().__init__(daemon=True)
         self.store = store
         self.poll_interval = poll_interval

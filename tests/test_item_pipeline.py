@@ -13,7 +13,7 @@ from tests.conftest import read_topic, unique_id, upload, wait_readable
 
 
 def encode_directly(stack, item: dict) -> np.ndarray:
-    encoder = OnnxContentEncoder(stack.settings.encoder_export_dir)
+    encoder = OnnxContentEncoder(stack.settings.encoder_export_dir, precision=stack.settings.encoder_precision)
     text = item_text(item["title"], item.get("description", ""), item.get("category", ""),
                      item.get("brand", ""), item.get("tags", []), item.get("price"))
     return encoder.encode([text])[0], encoder.version
