@@ -7,6 +7,7 @@ moment `get_online_features` first returns its vector.
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from importlib import resources
@@ -19,8 +20,10 @@ from coldstart.stack import LocalStack, item_event, new_producer, send_item
 
 
 def load_catalogue(limit: int = 0) -> list[dict]:
+    """The shipped catalogue in a fixed shuffled order, so any prefix mixes categories."""
     text = resources.files("coldstart").joinpath("data/catalogue.jsonl").read_text(encoding="utf-8")
     items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    random.Random(0).shuffle(items)
     return items[:limit] if limit else items
 
 
