@@ -125,5 +125,9 @@ def demo(rate: float, limit: int, timeout: float, as_json: bool) -> None:
     sys.exit(0 if run_demo(rate=rate, limit=limit, timeout=timeout, as_json=as_json) else 1)
 
 
+from coldstart.bench import bench  # noqa: E402
+
+main.add_command(bench)
+
 if __name__ == "__main__":
     main()
