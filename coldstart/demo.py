@@ -49,7 +49,7 @@ class ReadabilityWatcher(threading.Thread):
             with self.lock:
                 pending = [i for i in self.sent_at if i not in self.readable_at][: self.max_per_poll]
             if pending:
-                found = feature_store.read_item_embeddings(self.store, pending)
+                found = feature_store.read_item_features(self.store, pending)
                 now = time.monotonic()
                 with self.lock:
                     for item_id in found:
@@ -90,7 +90,7 @@ def upload_at_rate(stack: LocalStack, items: list[dict], rate: float, watcher: R
 
 def nearest_neighbours(store, items: list[dict], queries: list[str], k: int = 5) -> dict[str, list[tuple[str, float]]]:
     """Cosine neighbours among the catalogue, from the vectors as served by Feast."""
-    found = feature_store.read_item_embeddings(store, [i["item_id"] for i in items])
+    found = feature_store.read_item_features(store, [i["item_id"] for i in items])
     ids = [i["item_id"] for i in items if i["item_id"] in found]
     titles = {i["item_id"]: i["title"] for i in items}
     matrix = np.array([found[i]["item_embedding"] for i in ids], dtype=np.float32)  # (N, D), unit rows
