@@ -97,5 +97,12 @@ def demo(rate: float, limit: int, timeout: float, as_json: bool) -> None:
     sys.exit(0 if run_demo(rate=rate, limit=limit, timeout=timeout, as_json=as_json) else 1)
 
 
+# The LEARN model's commands: data fetch, train, evaluate, export-towers (encoders/commands.py).
+from encoders.commands import COMMANDS  # noqa: E402
+
+for _command in COMMANDS:
+    main.add_command(_command)
+
+
 if __name__ == "__main__":
     main()

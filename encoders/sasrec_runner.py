@@ -26,7 +26,7 @@ np.float_, np.complex_, np.unicode_ = np.float64, np.complex128, np.str_
 import torch  # noqa: E402
 from recbole.config import Config  # noqa: E402  (not recbole.quick_start: it imports ray)
 from recbole.data import create_dataset, data_preparation  # noqa: E402
-from recbole.utils import get_model, get_trainer, init_seed  # noqa: E402
+from recbole.utils import get_model, get_trainer, init_logger, init_seed  # noqa: E402
 
 
 def main(workdir: Path) -> None:
@@ -34,6 +34,7 @@ def main(workdir: Path) -> None:
     spec = json.loads((workdir / "spec.json").read_text())
     config = Config(model="SASRec", dataset="sasrec", config_dict=spec)
     init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)  # RecBole's per-epoch loss and validation lines, into run.log
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     model = get_model(config["model"])(config, train_data.dataset).to(config["device"])
