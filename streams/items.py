@@ -35,7 +35,9 @@ class ItemModels:
     """What the agent needs loaded once: the encoder and the feature store."""
 
     def __init__(self):
-        self.encoder = load_content_encoder(settings.encoder_export_dir, settings.encoder_model_path)
+        self.encoder = load_content_encoder(
+            settings.encoder_export_dir, settings.encoder_model_path, precision=settings.encoder_precision
+        )
         self.store = feature_store.open_store(settings)
         from feature_repo.data_sources import item_embeddings_source
 

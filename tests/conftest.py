@@ -1,0 +1,96 @@
+"""Fixtures that start real services: Redis, the tansu broker, Feast, worker processes.
+
+Nothing here is a fake: the stack is the one `coldstart demo` runs. Each fixture
+stops what it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from coldstart import feature_store  # noqa: E402
+from coldstart.services import LocalRedis  # noqa: E402
+from coldstart.settings import Settings  # noqa: E402
+from coldstart.stack import LocalStack, item_event, new_producer, send_item  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A redis-server of the tests' own on a free port, or REDIS_URL if none can be started."""
+    if shutil.which("redis-server"):
+        with LocalRedis() as server:
+            yield server.url
+    else:
+        yield os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, redis_url):
+    """Broker + Redis + Feast + one worker, serving."""
+    data_dir = tmp_path_factory.mktemp("coldstart-data")
+    os.environ["COLDSTART_DATA_DIR"] = str(data_dir)  # feature_repo reads its offline path from here
+    settings = Settings.from_env(
+        data_dir=data_dir, redis_url=redis_url, feast_project="coldstart_test",
+        offline_flush_seconds=1.0,
+    )
+    with LocalStack(settings) as running:
+        running.wait_until_serving()
+        yield running
+
+
+@pytest.fixture
+def producer(stack):
+    p = new_producer(stack.settings)
+    yield p
+    p.close()
+
+
+def unique_id(prefix: str = "item") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def upload(producer, item: dict | bytes, key: str | None = None) -> None:
+    send_item(producer, item_event(item) if isinstance(item, dict) else item, key=key)
+    producer.flush()
+
+
+def wait_readable(store, item_ids: list[str], timeout: float = 30) -> dict:
+    """Poll Feast until every item is readable; fail with the missing ones."""
+    deadline = time.monotonic() + timeout
+    found: dict = {}
+    while time.monotonic() < deadline:
+        found = feature_store.read_item_embeddings(store, item_ids)
+        if len(found) == len(item_ids):
+            return found
+        time.sleep(0.1)
+    missing = sorted(set(item_ids) - set(found))
+    raise AssertionError(f"{len(missing)} of {len(item_ids)} items not readable after {timeout}s: {missing[:5]}")
+
+
+def read_topic(settings: Settings, topic: str, until, timeout: float = 30) -> list[dict]:
+    """Read a topic from the beginning (no consumer group) until `until(records)` holds."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                             consumer_timeout_ms=500, fetch_max_wait_ms=50)
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        records: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message in consumer:
+                records.append(json.loads(message.value))
+            if until(records):
+                return records
+        raise AssertionError(f"condition not met on {topic} after {timeout}s ({len(records)} records)")
+    finally:
+        consumer.close()
