@@ -45,10 +45,10 @@ class UserTowerGraph(nn.Module):
 
     def __init__(self, model: LEARN):
         super().__init__()
-        self.pch = model.user_tower
+        self.model = model
 
     def forward(self, history: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
-        vectors = self.pch(history, history_mask)  # (B, N, D)
+        vectors = self.model.history_vectors(history, history_mask)  # (B, N, D)
         last = (history_mask.long().sum(dim=1) - 1).clamp(min=0)  # (B,)
         index = last[:, None, None].expand(-1, 1, vectors.shape[-1])  # (B, 1, D)
         return vectors.gather(1, index).squeeze(1)  # (B, D)

@@ -42,6 +42,7 @@ class LEARNConfig:
     item_tower: str = "mlp"  # "mlp" (content → MLP) or "pch" (PCH on a length-1 sequence; ablation)
     item_hidden: int = 512  # MLP hidden width: enough to separate ~1.7k items from their text
     temperature: float = 0.05  # InfoNCE temperature on cosines
+    shared_input: bool = False  # True: the user tower reads item-tower embeddings of its history (as SASRec shares its item table)
     id_residual: bool = False  # True: the learn-id variant (not LEARN): a learned ID vector per warm item
 
     def __post_init__(self):
@@ -88,9 +89,9 @@ class Block(nn.Module):
 class PCH(nn.Module):
     """Preference comprehension: projected content (B, T, C) → causal transformer → (B, T, out_dim), unit norm."""
 
-    def __init__(self, config: LEARNConfig):
+    def __init__(self, config: LEARNConfig, in_dim: int):
         super().__init__()
-        self.input = nn.Linear(config.content_dim, config.dim)
+        self.input = nn.Linear(in_dim, config.dim)
         self.position = nn.Embedding(config.max_history, config.dim)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
@@ -113,7 +114,7 @@ class PCH(nn.Module):
 
 
 class ItemTower(nn.Module):
-    """Content embedding (B, C) → item embedding (B, out_dim), unit norm."""
+    """Content embeddings (..., C) → item embeddings (..., out_dim), unit norm."""
 
     def __init__(self, config: LEARNConfig):
         super().__init__()
@@ -124,17 +125,18 @@ class ItemTower(nn.Module):
                 nn.GELU(), nn.Dropout(config.dropout), nn.Linear(config.item_hidden, config.out_dim)
             )
         else:
-            self.pch = PCH(config)
+            self.pch = PCH(config, config.content_dim)
 
     def forward(self, content: torch.Tensor, id_residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kind == "pch":
-            ones = torch.ones(content.shape[0], 1, dtype=torch.bool, device=content.device)
-            residual = None if id_residual is None else id_residual[:, None]
-            return self.pch(content[:, None, :], ones, residual)[:, 0]  # (B, out_dim)
-        x = self.input(content)  # (B, H)
-        if id_residual is not None:
-            x = x + id_residual
-        return F.normalize(self.output(x), dim=-1)  # (B, out_dim)
+        if self.kind == "mlp":
+            x = self.input(content)  # (..., H)
+            if id_residual is not None:
+                x = x + id_residual
+            return F.normalize(self.output(x), dim=-1)  # (..., out_dim)
+        flat = content.reshape(-1, 1, content.shape[-1])  # (M, 1, C): each item a length-1 sequence
+        ones = torch.ones(flat.shape[0], 1, dtype=torch.bool, device=content.device)
+        residual = None if id_residual is None else id_residual.reshape(flat.shape[0], 1, -1)
+        return self.pch(flat, ones, residual).view(*content.shape[:-1], -1)  # (..., out_dim)
 
 
 class LEARN(nn.Module):
@@ -145,24 +147,32 @@ class LEARN(nn.Module):
         assert content.shape[1] == config.content_dim, (content.shape, config.content_dim)
         self.config = config
         self.register_buffer("content", content.float(), persistent=False)
-        self.user_tower = PCH(config)
+        self.user_tower = PCH(config, config.out_dim if config.shared_input else config.content_dim)
         self.item_tower = ItemTower(config)
         if config.id_residual:
             item_width = config.item_hidden if config.item_tower == "mlp" else config.dim
-            self.user_ids = nn.Embedding(len(content), config.dim)
             self.item_ids = nn.Embedding(len(content), item_width)
-            nn.init.zeros_(self.user_ids.weight)  # zero until trained: cold items stay content-only
-            nn.init.zeros_(self.item_ids.weight)
+            nn.init.zeros_(self.item_ids.weight)  # zero until trained: cold items stay content-only
+            if not config.shared_input:
+                self.user_ids = nn.Embedding(len(content), config.dim)
+                nn.init.zeros_(self.user_ids.weight)
 
     def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
         """history (B, T) item indices, right-padded with -1 → (B, T, out_dim): one vector per prefix."""
         mask = history >= 0  # (B, T)
         items = history.clamp(min=0)
+        if self.config.shared_input:
+            return self.user_tower(self.item_vectors(items), mask)
         residual = self.user_ids(items) * mask[..., None] if self.config.id_residual else None
         return self.user_tower(self.content[items], mask, residual)
 
+    def history_vectors(self, content: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The content-only user tower: (B, T, C) history content + (B, T) mask → (B, T, out_dim)."""
+        assert not self.config.id_residual, "this path has no item ids"
+        return self.user_tower(self.item_tower(content) if self.config.shared_input else content, mask)
+
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
-        """items (M,) item indices → (M, out_dim)."""
+        """items (...) item indices → (..., out_dim)."""
         residual = self.item_ids(items) if self.config.id_residual else None
         return self.item_tower(self.content[items], residual)
 

@@ -91,3 +91,13 @@ def test_id_residual_stays_zero_for_items_never_trained_on(ml100k_small, tmp_pat
     for table in (model.user_ids.weight, model.item_ids.weight):
         assert (table[torch.from_numpy(~trained)] == 0).all()  # cold path: content only
         assert (table[torch.from_numpy(trained)] != 0).any()
+
+
+def test_shared_input_reads_item_tower_embeddings():
+    model = tiny_model(shared_input=True)
+    history = torch.tensor([[1, 2, 7, -1, -1]])
+    with torch.no_grad():
+        by_index = model.user_vectors(history)
+        by_content = model.history_vectors(model.content[history.clamp(min=0)], history >= 0)
+    assert model.user_tower.input.in_features == model.config.out_dim
+    assert torch.allclose(by_index[:, :3], by_content[:, :3], atol=1e-6)
