@@ -70,8 +70,8 @@ def _items_per_s(encode, batches: list[list[str]]) -> tuple[float, np.ndarray]:
 
 
 @bench.command()
-@click.option("--items", "count", type=int, default=300, show_default=True, help="Texts per configuration.")
-@click.option("--batch-sizes", default="1,8,32,128", show_default=True)
+@click.option("--items", "count", type=int, default=200, show_default=True, help="Texts per configuration.")
+@click.option("--batch-sizes", default="1,8,64", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def encoder(count: int, batch_sizes: str, as_json: bool) -> None:
     """Items/s of the frozen encoder: torch eager fp32 vs ONNX Runtime fp32 vs int8, by batching."""
