@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 # One thread for the model: ONNX Runtime already uses every core per call.
 model_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
 MAX_RETRY_DELAY_S = 5.0
+DEAD_LETTER_ORIGINAL_BYTES = 64 * 1024
+MAX_ID_BYTES = 1024  # a key longer than any valid item_id is cut in the dead letter
 
 
 class ItemModels:
@@ -55,14 +58,26 @@ async def retry_forever(what: str, call, *args):
     The agent waits here rather than skipping: un-acknowledged events are
     neither committed nor lost, and the consumer stops fetching (backpressure).
     """
-    delay = 0.1
+    delay, failures, first_failure = 0.1, 0, 0.0
     while True:
         try:
-            return await asyncio.to_thread(call, *args)
+            result = await asyncio.to_thread(call, *args)
         except Exception as err:  # Redis down, disk full…: wait and try again
-            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(err).__name__, err, delay)
+            failures += 1
+            first_failure = first_failure or time.monotonic()
+            log.warning("%s failed (attempt %d, %s); retrying in %.1fs", what, failures, describe(err), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_DELAY_S)
+            continue
+        if failures:
+            log.info("%s recovered after %d failed attempts over %.1fs", what, failures, time.monotonic() - first_failure)
+        return result
+
+
+def describe(err: Exception, limit: int = 300) -> str:
+    """An exception on one readable line: Redis pipeline errors quote binary keys."""
+    text = "".join(c if c.isprintable() else "." for c in str(err))
+    return f"{type(err).__name__}: {text[:limit]}"
 
 
 class OfflineBuffer:
@@ -149,13 +164,17 @@ async def write_embeddings(models: ItemModels, items: list[ItemUpload]) -> pd.Da
 async def send_dead_letter(event, reason: str) -> None:
     message = event.message
     log.info("dead letter %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason)
-    key = message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else message.key
+    key = message.key[:MAX_ID_BYTES] if isinstance(message.key, bytes) else None
+    original = message.value or b""
     delivery = await dead_letters_topic.send(
-        key=message.key if isinstance(message.key, bytes) else None,
+        key=key,
         value=DeadLetter(
             topic=message.topic, partition=message.partition, offset=message.offset, reason=reason,
-            original_base64=base64.b64encode(message.value or b"").decode("ascii"),
-            key=key, received_at=datetime.now(timezone.utc),
+            # Cut, so that a dead letter always fits in a Kafka message (1 MB by default) even
+            # when the event did not: otherwise the send fails and the event blocks its partition.
+            original_base64=base64.b64encode(original[:DEAD_LETTER_ORIGINAL_BYTES]).decode("ascii"),
+            original_size=len(original), original_sha256=hashlib.sha256(original).hexdigest(),
+            key=key.decode("utf-8", "replace") if key is not None else None, received_at=datetime.now(timezone.utc),
         ),
     )
     await delivery  # the dead letter is durable before the event can be acknowledged
