@@ -84,3 +84,4 @@ item_embeddings_topic = app.topic("item-embeddings", key_serializer="raw")
 dead_letters_topic = app.topic("dead-letters", key_serializer="raw")
 
 import streams.items  # noqa: E402,F401  (registers the item agent on `app`)
+import streams.broker_watch  # noqa: E402,F401  (stops the worker if the broker lost its data)
