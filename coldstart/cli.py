@@ -104,12 +104,35 @@ def serve(host: str, port: int) -> None:
 
 
 @main.command()
+@click.argument("user_id")
+@click.option("--candidates", default="", help="Comma-separated item ids to rank (default: every known item).")
+@click.option("-k", type=int, default=10, show_default=True, help="How many items to print.")
+@click.option("--json", "as_json", is_flag=True, help="Print the ranking as one JSON object.")
+def recommend(user_id: str, candidates: str, k: int, as_json: bool) -> None:
+    """Rank items for a user by affinity (user·item cosine) and print the top ones with titles."""
+    import json
+
+    from coldstart.ranking import UnknownUser, recommend as rank
+
+    try:
+        top = rank(user_id, [c for c in candidates.split(",") if c] if candidates else None, k)
+    except (UnknownUser, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    if as_json:
+        click.echo(json.dumps({"user_id": user_id, "items": [
+            {"item_id": c.item_id, "title": c.title, "affinity": c.affinity} for c in top]}))
+        return
+    for rank_no, c in enumerate(top, 1):
+        click.echo(f"{rank_no:>3}. {c.affinity:.3f}  {c.title or ''}  ({c.item_id})")
+
+
+@main.command()
 @click.option("--loglevel", default="info", show_default=True)
 def worker(loglevel: str) -> None:
     """Run the stream worker (faust): item-uploads → embeddings → Feast."""
     from streams.app import app
 
-    sys.argv = ["coldstart worker", "worker", "--loglevel", loglevel]
+    sys.argv = ["coldstart worker", "worker", "--loglevel", loglevel, "--without-web"]
     app.main()
 
 
@@ -124,6 +147,10 @@ def demo(rate: float, limit: int, timeout: float, as_json: bool) -> None:
 
     sys.exit(0 if run_demo(rate=rate, limit=limit, timeout=timeout, as_json=as_json) else 1)
 
+
+from coldstart.bench import bench  # noqa: E402
+
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()

@@ -30,10 +30,11 @@ def load_catalogue(limit: int = 0) -> list[dict]:
 class ReadabilityWatcher(threading.Thread):
     """Polls Feast for items sent but not yet readable; records when each first appears."""
 
-    def __init__(self, store, poll_interval: float = 0.01):
+    def __init__(self, store, poll_interval: float = 0.01, max_per_poll: int = 256):
         super().__init__(daemon=True)
         self.store = store
         self.poll_interval = poll_interval
+        self.max_per_poll = max_per_poll  # oldest first: a backlog must not make each poll slow
         self.sent_at: dict[str, float] = {}
         self.readable_at: dict[str, float] = {}
         self.lock = threading.Lock()
@@ -46,18 +47,29 @@ class ReadabilityWatcher(threading.Thread):
     def run(self) -> None:
         while not self.stopping.is_set():
             with self.lock:
-                pending = [i for i in self.sent_at if i not in self.readable_at]
+                pending = [i for i in self.sent_at if i not in self.readable_at][: self.max_per_poll]
             if pending:
-                found = feature_store.read_item_embeddings(self.store, pending)
+                found = feature_store.read_item_features(self.store, pending)
                 now = time.monotonic()
                 with self.lock:
                     for item_id in found:
                         self.readable_at[item_id] = now
             time.sleep(self.poll_interval)
 
-    def latencies_ms(self) -> np.ndarray:
+    def latencies_ms(self, item_ids=None) -> np.ndarray:
         with self.lock:
-            return np.array([(self.readable_at[i] - self.sent_at[i]) * 1000 for i in self.readable_at])
+            ids = [i for i in (item_ids or self.readable_at) if i in self.readable_at]
+            return np.array([(self.readable_at[i] - self.sent_at[i]) * 1000 for i in ids])
+
+    def wait_all(self, timeout: float) -> bool:
+        """Wait until everything sent so far is readable; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.readable_at) >= len(self.sent_at):
+                    return True
+            time.sleep(0.05)
+        return False
 
 
 def upload_at_rate(stack: LocalStack, items: list[dict], rate: float, watcher: ReadabilityWatcher, progress=None) -> None:
@@ -78,7 +90,7 @@ def upload_at_rate(stack: LocalStack, items: list[dict], rate: float, watcher: R
 
 def nearest_neighbours(store, items: list[dict], queries: list[str], k: int = 5) -> dict[str, list[tuple[str, float]]]:
     """Cosine neighbours among the catalogue, from the vectors as served by Feast."""
-    found = feature_store.read_item_embeddings(store, [i["item_id"] for i in items])
+    found = feature_store.read_item_features(store, [i["item_id"] for i in items])
     ids = [i["item_id"] for i in items if i["item_id"] in found]
     titles = {i["item_id"]: i["title"] for i in items}
     matrix = np.array([found[i]["item_embedding"] for i in ids], dtype=np.float32)  # (N, D), unit rows
@@ -113,9 +125,7 @@ def run_demo(rate: float = 50.0, limit: int = 0, timeout: float = 60.0, as_json:
         watcher.start()
         with tqdm(total=len(items), desc="uploaded", unit="item", disable=as_json) as progress:
             upload_at_rate(stack, items, rate, watcher, progress)
-        deadline = time.monotonic() + timeout
-        while len(watcher.readable_at) < len(items) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        watcher.wait_all(timeout)
         watcher.stopping.set()
         watcher.join()
         latencies = watcher.latencies_ms()

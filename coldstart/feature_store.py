@@ -70,10 +70,16 @@ def feature_objects() -> list:
 
     return [
         entities.item,
+        entities.user,
         data_sources.item_embeddings_source,
         data_sources.item_embeddings_push_source,
+        data_sources.user_embeddings_source,
+        data_sources.user_embeddings_push_source,
         feature_views.item_embedding_fv,
+        feature_views.user_embedding_fv,
+        feature_views.user_item_affinity,
         feature_services.item_embeddings_v1,
+        feature_services.ranking_v1,
     ]
 
 
@@ -82,38 +88,69 @@ def apply(settings: Settings):
     store = open_store(settings)
     store.apply(feature_objects())
     for source in (o for o in feature_objects() if hasattr(o, "path")):
-        Path(source.path).mkdir(parents=True, exist_ok=True)
+        folder = Path(source.path)
+        if not any(folder.glob("*.parquet")):
+            # An empty part file with the schema: materialize reads a view with no rows yet.
+            write_offline(folder, OFFLINE_SCHEMAS[source.name].empty_table().to_pandas(), OFFLINE_SCHEMAS[source.name])
     return store
 
 
-# ---- item embeddings -------------------------------------------------------
+# ---- writes ----------------------------------------------------------------
 
 ITEM_EMBEDDING_SCHEMA = pa.schema(
     [
         ("item_id", pa.string()),
         ("item_embedding", pa.list_(pa.float32())),
+        ("content_embedding", pa.list_(pa.float32())),
+        ("title", pa.string()),
+        ("model_version", pa.string()),
+        ("event_timestamp", pa.timestamp("us", tz="UTC")),
+    ]
+)
+USER_EMBEDDING_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("user_embedding", pa.list_(pa.float32())),
+        ("history_length", pa.int64()),
         ("model_version", pa.string()),
         ("event_timestamp", pa.timestamp("us", tz="UTC")),
     ]
 )
 
 
-def item_embedding_frame(item_ids, vectors, model_version: str, event_times) -> pd.DataFrame:
+OFFLINE_SCHEMAS = {"item_embeddings_source": ITEM_EMBEDDING_SCHEMA, "user_embeddings_source": USER_EMBEDDING_SCHEMA}
+
+
+def item_embedding_frame(item_ids, vectors, content_vectors, titles, model_version: str, event_times) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "item_id": list(item_ids),
             "item_embedding": [v.astype("float32").tolist() for v in vectors],
+            "content_embedding": [v.astype("float32").tolist() for v in content_vectors],
+            "title": list(titles),
             "model_version": model_version,
             "event_timestamp": pd.to_datetime(list(event_times), utc=True),
         }
     )
 
 
-def push_item_embeddings_online(store, frame: pd.DataFrame) -> None:
+def user_embedding_frame(user_ids, vectors, history_lengths, model_version: str, event_times) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "user_id": list(user_ids),
+            "user_embedding": [v.astype("float32").tolist() for v in vectors],
+            "history_length": list(history_lengths),
+            "model_version": model_version,
+            "event_timestamp": pd.to_datetime(list(event_times), utc=True),
+        }
+    )
+
+
+def push_online(store, push_source: str, frame: pd.DataFrame) -> None:
     """Write to Redis through Feast; an older event time never overwrites a newer one."""
     from feast.data_source import PushMode
 
-    store.push("item_embeddings_push_source", frame, to=PushMode.ONLINE)
+    store.push(push_source, frame, to=PushMode.ONLINE)
 
 
 def write_offline(source_path: str | Path, frame: pd.DataFrame, schema: pa.Schema) -> Path:
@@ -128,14 +165,16 @@ def write_offline(source_path: str | Path, frame: pd.DataFrame, schema: pa.Schem
     return final
 
 
-def read_item_embeddings(store, item_ids: list[str]) -> dict[str, dict]:
-    """Online lookup: item_id → {"item_embedding", "model_version"} for items that exist."""
+# ---- reads -----------------------------------------------------------------
+
+def read_item_features(store, item_ids: list[str], features=("item_embedding", "model_version")) -> dict[str, dict]:
+    """Online lookup: item_id → {feature: value} for the items that exist."""
     response = store.get_online_features(
-        features=["item_embedding:item_embedding", "item_embedding:model_version"],
+        features=[f"item_embedding:{f}" for f in features],
         entity_rows=[{"item_id": i} for i in item_ids],
     ).to_dict()
     found = {}
-    for item_id, vector, version in zip(response["item_id"], response["item_embedding"], response["model_version"]):
-        if vector is not None:
-            found[item_id] = {"item_embedding": vector, "model_version": version}
+    for row, item_id in enumerate(response["item_id"]):
+        if response[features[0]][row] is not None:
+            found[item_id] = {f: response[f][row] for f in features}
     return found

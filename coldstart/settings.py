@@ -44,6 +44,8 @@ class Settings:
     batch_window_ms: int  # …or after this wait, whichever comes first
     offline_flush_seconds: float  # offline rows are written (and offsets committed) this often
     consumer_group: str
+    user_history_length: int  # N: the user tower reads the last N positive actions
+    unknown_item_wait_seconds: float  # an action on a not-yet-uploaded item waits this long for it
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -108,5 +110,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "batch_window_ms": ("COLDSTART_BATCH_WINDOW_MS", "20"),
     "offline_flush_seconds": ("COLDSTART_OFFLINE_FLUSH_SECONDS", "5"),
     "consumer_group": ("COLDSTART_CONSUMER_GROUP", "coldstart-worker"),
+    "user_history_length": ("COLDSTART_USER_HISTORY_LENGTH", "50"),
+    "unknown_item_wait_seconds": ("COLDSTART_UNKNOWN_ITEM_WAIT_SECONDS", "300"),
 }
 _CASTS = {"int": int, "float": float, "Path": Path}

@@ -92,6 +92,13 @@ def send_item(producer: KafkaProducer, event: dict | bytes, key: str | None = No
     return producer.send("item-uploads", key=key.encode() if key else None, value=value)
 
 
+def send_action(producer: KafkaProducer, user_id: str, item_id: str, action: str = "click",
+                occurred_at: datetime | None = None):
+    event = {"user_id": user_id, "item_id": item_id, "action": action,
+             "occurred_at": (occurred_at or datetime.now(timezone.utc)).isoformat()}
+    return producer.send("user-actions", key=user_id.encode(), value=json.dumps(event).encode())
+
+
 class LocalStack:
     """Redis (the configured one, or a started one), an embedded broker, Feast and workers."""
 
@@ -131,7 +138,7 @@ class LocalStack:
         while time.monotonic() - start < timeout:
             if self.worker and not self.worker.alive():
                 raise RuntimeError(f"worker exited:\n{self.worker.log_tail()}")
-            if feature_store.read_item_embeddings(self.store, [probe_id]):
+            if feature_store.read_item_features(self.store, [probe_id]):
                 return time.monotonic() - start
             time.sleep(0.1)
         tail = self.worker.log_tail() if self.worker else ""

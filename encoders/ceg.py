@@ -136,7 +136,7 @@ def export_onnx(config: CEGConfig, out_dir: Path) -> Path:
     return out_dir
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
+def quantize_int8(fp32_path: Path, int8_path: Path, keep_down_projections_fp32: bool = True) -> None:
     """Dynamic int8 quantization, per channel, leaving the feed-forward down-projections in fp32.
 
     Measured on the demo catalogue (MiniLM): per-tensor int8 drops to a min cosine
@@ -154,7 +154,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
         for node in graph.node
         if node.op_type == "MatMul"
         and any(len(weight_shapes.get(i, ())) == 2 and weight_shapes[i][0] > weight_shapes[i][1] for i in node.input)
-    ]
+    ] if keep_down_projections_fp32 else []
     quantize_dynamic(
         str(fp32_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8,
         nodes_to_exclude=down_projections,

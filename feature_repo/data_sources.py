@@ -26,3 +26,22 @@ item_embeddings_push_source = PushSource(
     owner="coldstart",
     tags={"team": "coldstart"},
 )
+
+# User embeddings as written by the user agent.
+user_embeddings_source = FileSource(
+    name="user_embeddings_source",
+    path=str(OFFLINE_DIR / "user_embeddings"),
+    timestamp_field="event_timestamp",
+    description="User embeddings written by the user agent (parquet part files)",
+    owner="coldstart",
+    tags={"team": "coldstart"},
+)
+
+# Streaming entry point of user embeddings.
+user_embeddings_push_source = PushSource(
+    name="user_embeddings_push_source",
+    batch_source=user_embeddings_source,
+    description="User embeddings pushed by the user agent",
+    owner="coldstart",
+    tags={"team": "coldstart"},
+)

@@ -11,3 +11,13 @@ item = Entity(
     owner="coldstart",
     tags={"team": "coldstart"},
 )
+
+# A user whose actions arrive on the user-actions topic.
+user = Entity(
+    name="user",
+    join_keys=["user_id"],
+    value_type=ValueType.STRING,
+    description="A user, keyed by the producer's user_id",
+    owner="coldstart",
+    tags={"team": "coldstart"},
+)

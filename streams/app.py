@@ -80,8 +80,21 @@ app = ColdstartApp(
 
 # Raw bytes in: a malformed event must reach dead-letters exactly as received.
 item_uploads_topic = app.topic("item-uploads", key_serializer="raw", value_serializer="raw")
+user_actions_topic = app.topic("user-actions", key_serializer="raw", value_serializer="raw")
 item_embeddings_topic = app.topic("item-embeddings", key_serializer="raw")
 dead_letters_topic = app.topic("dead-letters", key_serializer="raw")
 
+
+
+@app.timer(interval=1.0)
+async def flush_offline_rows():
+    """Flush offline rows when the streams are quiet too, so acknowledgements never wait for traffic."""
+    from streams.sinks import offline_buffers
+
+    for offline in offline_buffers:
+        await offline.flush()
+
+
 import streams.items  # noqa: E402,F401  (registers the item agent on `app`)
+import streams.users  # noqa: E402,F401  (registers the user agent and its table)
 import streams.broker_watch  # noqa: E402,F401  (stops the worker if the broker lost its data)

@@ -19,12 +19,12 @@ from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
 from streams.app import app, settings
-from streams.items import describe, offline_buffers
+from streams.sinks import describe, offline_buffers
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 5.0
-WATCHED_TOPICS = ("item-uploads",)
+WATCHED_TOPICS = ("item-uploads", "user-actions")
 
 
 class BrokerDataLost(RuntimeError):

@@ -42,3 +42,26 @@ class DeadLetter(faust.Record, serializer="json", isodates=True):
     original_sha256: str  # of the whole original, to match it against a producer's records
     key: Optional[str] = None
     received_at: Optional[datetime] = None
+
+
+class UserAction(faust.Record, serializer="json", isodates=True):
+    """A user's action on an item, on `user-actions` (key: user_id). Validated by streams.validation."""
+
+    user_id: str
+    item_id: str
+    action: str  # one of streams.validation.ACTIONS
+    occurred_at: datetime  # event time
+
+
+class HistoryEntry(faust.Record, serializer="json", isodates=True):
+    """One positive action in a user's rolling history (faust table value)."""
+
+    item_id: str
+    action: str
+    occurred_at: datetime
+
+
+class UserHistory(faust.Record, serializer="json", isodates=True):
+    """A user's last N positive actions, oldest first (value of the user-histories table)."""
+
+    entries: List[HistoryEntry] = []

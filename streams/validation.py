@@ -1,10 +1,14 @@
 """Turn raw event bytes into a typed record, or say exactly why not.
 
+Rules for user actions: a JSON object with `user_id`, `item_id` (identifiers as
+for items), `action` (one of ACTIONS) and `occurred_at` (as `uploaded_at`).
+
 Rules for item uploads:
 - a JSON object with `item_id` (non-empty string), `title` (string) and
   `uploaded_at` (ISO-8601 with a time zone, or epoch seconds);
-- `uploaded_at` between 1970 and MAX_FUTURE ahead of this worker's clock: a
-  far-future event time would stay "newest" and shadow every later update;
+- event times (`uploaded_at`, `occurred_at`) between 1970 and MAX_FUTURE ahead
+  of this worker's clock: a far-future time would stay "newest" and shadow every
+  later update;
 - optional `description`, `category`, `brand` (strings), `price` (finite number
   ≥ 0 or null), `tags` (list of strings); unknown fields are ignored;
 - there must be some text to encode: title and description are not both blank;
@@ -22,7 +26,7 @@ import math
 import re
 from datetime import datetime, timedelta, timezone
 
-from streams.records import ItemUpload
+from streams.records import ItemUpload, UserAction
 
 MAX_ID_CHARS = 256
 MAX_TAGS = 64
@@ -30,6 +34,9 @@ MAX_FUTURE = timedelta(hours=1)  # allowance for producer clock skew
 MAX_FUTURE_TEXT = "1 hour"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _SURROGATES = re.compile("[\ud800-\udfff]")
+# Actions that say "more like this" and enter the user's history, and the ones that do not.
+POSITIVE_ACTIONS = frozenset({"click", "like", "share", "purchase"})
+ACTIONS = POSITIVE_ACTIONS | {"skip"}
 
 
 class InvalidEvent(ValueError):
@@ -38,9 +45,7 @@ class InvalidEvent(ValueError):
 
 def parse_item_upload(raw: bytes | None) -> ItemUpload:
     data = _json_object(raw)
-    item_id = _required_str(data, "item_id")
-    if not item_id.strip() or len(item_id) > MAX_ID_CHARS or not item_id.isprintable():
-        raise InvalidEvent(f"item_id must be 1–{MAX_ID_CHARS} printable characters")
+    item_id = _identifier(data, "item_id")
     title = _text(_required_str(data, "title"))
     description = _text(_optional_str(data, "description"))
     if not title.strip() and not description.strip():
@@ -60,6 +65,26 @@ def parse_item_upload(raw: bytes | None) -> ItemUpload:
         price=_price(data),
         tags=[_text(t) for t in tags[:MAX_TAGS]],
     )
+
+
+def parse_user_action(raw: bytes | None) -> UserAction:
+    data = _json_object(raw)
+    action = _required_str(data, "action")
+    if action not in ACTIONS:
+        raise InvalidEvent(f"action must be one of {', '.join(sorted(ACTIONS))}, got {action[:40]!r}")
+    return UserAction(
+        user_id=_identifier(data, "user_id"),
+        item_id=_identifier(data, "item_id"),
+        action=action,
+        occurred_at=_event_time(data, "occurred_at"),
+    )
+
+
+def _identifier(data: dict, name: str) -> str:
+    value = _required_str(data, name)
+    if not value.strip() or len(value) > MAX_ID_CHARS or not value.isprintable():
+        raise InvalidEvent(f"{name} must be 1–{MAX_ID_CHARS} printable characters")
+    return value
 
 
 def _json_object(raw: bytes | None) -> dict:

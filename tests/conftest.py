@@ -40,14 +40,14 @@ def stack(tmp_path_factory, redis_url):
     os.environ["COLDSTART_DATA_DIR"] = str(data_dir)  # feature_repo reads its offline path from here
     settings = Settings.from_env(
         data_dir=data_dir, redis_url=redis_url, feast_project="coldstart_test",
-        offline_flush_seconds=1.0,
+        offline_flush_seconds=1.0, unknown_item_wait_seconds=5.0,
     )
     with LocalStack(settings) as running:
         running.wait_until_serving()
         yield running
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def producer(stack):
     p = new_producer(stack.settings)
     yield p
@@ -68,7 +68,7 @@ def wait_readable(store, item_ids: list[str], timeout: float = 30) -> dict:
     deadline = time.monotonic() + timeout
     found: dict = {}
     while time.monotonic() < deadline:
-        found = feature_store.read_item_embeddings(store, item_ids)
+        found = feature_store.read_item_features(store, item_ids)
         if len(found) == len(item_ids):
             return found
         time.sleep(0.1)

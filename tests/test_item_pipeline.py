@@ -9,14 +9,18 @@ import numpy as np
 from coldstart.stack import item_event
 from encoders.runtime import OnnxContentEncoder
 from encoders.text import item_text
+from encoders.tower_runtime import load_towers
 from tests.conftest import read_topic, unique_id, upload, wait_readable
 
 
-def encode_directly(stack, item: dict) -> np.ndarray:
-    encoder = OnnxContentEncoder(stack.settings.encoder_export_dir, precision=stack.settings.encoder_precision)
+def encode_directly(stack, item: dict) -> tuple[np.ndarray, str]:
+    """The item's vector and model version computed here, without the service: CEG then item tower."""
+    settings = stack.settings
+    encoder = OnnxContentEncoder(settings.encoder_export_dir, precision=settings.encoder_precision)
+    towers = load_towers(settings.onnx_dir, settings.encoder_name)
     text = item_text(item["title"], item.get("description", ""), item.get("category", ""),
                      item.get("brand", ""), item.get("tags", []), item.get("price"))
-    return encoder.encode([text])[0], encoder.version
+    return towers.item_vectors(encoder.encode([text]))[0], f"{encoder.version}+{towers.version}"
 
 
 def test_uploaded_item_is_readable_with_the_vector_of_a_direct_encode(stack, producer):

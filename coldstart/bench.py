@@ -1,0 +1,229 @@
+"""`coldstart bench …`: where the time goes, measured side by side in one run.
+
+Each sub-benchmark prints a table and, with --json, one JSON object on its last
+line. Absolute times drift on shared machines; read the ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import click
+import numpy as np
+
+from coldstart import PROJECT_ROOT
+from coldstart.settings import Settings
+
+PLOTS_DIR = PROJECT_ROOT / "docs"
+
+
+def machine() -> str:
+    import onnxruntime as ort
+
+    from encoders.runtime import pick_providers
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, ORT {ort.__version__} {pick_providers()[0]}"
+
+
+def catalogue_texts(count: int) -> list[str]:
+    from coldstart.demo import load_catalogue
+    from encoders.text import item_text
+
+    items = load_catalogue()
+    texts = [item_text(i["title"], i["description"], i["category"], i["brand"], i["tags"], i["price"]) for i in items]
+    return [texts[i % len(texts)] for i in range(count)]
+
+
+def emit(table: list[dict], summary: dict, as_json: bool) -> None:
+    if table:
+        columns = list(table[0])
+        widths = [max(len(c), *(len(_fmt(r[c])) for r in table)) for c in columns]
+        click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+        for row in table:
+            click.echo("  ".join(_fmt(row[c]).ljust(w) for c, w in zip(columns, widths)))
+    if as_json:
+        click.echo(json.dumps(summary))
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else str(value)
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: encoder, pipeline, lookup. Results go in BENCHMARKS.md."""
+
+
+# ---- encoder ---------------------------------------------------------------
+
+def _items_per_s(encode, batches: list[list[str]]) -> tuple[float, np.ndarray]:
+    encode(batches[0][:2])  # warm-up: first-call allocations
+    start = time.perf_counter()
+    vectors = np.concatenate([encode(b) for b in batches])
+    return sum(map(len, batches)) / (time.perf_counter() - start), vectors
+
+
+@bench.command()
+@click.option("--items", "count", type=int, default=300, show_default=True, help="Texts per configuration.")
+@click.option("--batch-sizes", default="1,8,32,128", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def encoder(count: int, batch_sizes: str, as_json: bool) -> None:
+    """Items/s of the frozen encoder: torch eager fp32 vs ONNX Runtime fp32 vs int8, by batching."""
+    summary = run_encoder_bench(count, [int(b) for b in batch_sizes.split(",")])
+    emit(summary["configs"], summary, as_json)
+
+
+def run_encoder_bench(count: int, batch_sizes: list[int]) -> dict:
+    from encoders.ceg import CEGConfig, FrozenContentEncoder, encode_with_torch, load_tokenizer, quantize_int8
+    from encoders.runtime import OnnxContentEncoder, ensure_exported
+
+    settings = Settings.from_env()
+    export_dir = ensure_exported(settings.encoder_export_dir, settings.encoder_model_path)
+    texts = catalogue_texts(count)
+    config = CEGConfig(model_path=settings.encoder_model_path, name=settings.encoder_name)
+    torch_encoder, tokenizer = FrozenContentEncoder(config), load_tokenizer(config)
+
+    # int8 everywhere (no layer kept fp32), to show what the service default trades
+    all_int8_dir = Path(tempfile.mkdtemp(prefix="int8-all-"))
+    for name in os.listdir(export_dir):
+        if name != "model.int8.onnx":
+            os.symlink(export_dir / name, all_int8_dir / name)
+    quantize_int8(export_dir / "model.onnx", all_int8_dir / "model.int8.onnx", keep_down_projections_fp32=False)
+
+    runtimes = {
+        "torch-fp32": lambda b: lambda t: encode_with_torch(torch_encoder, tokenizer, t, batch_size=b).numpy(),
+        "onnx-fp32": lambda b: OnnxContentEncoder(export_dir, "fp32", max_batch_tokens=10**9, max_batch_items=b).encode,
+        "onnx-int8 (service)": lambda b: OnnxContentEncoder(export_dir, "int8", max_batch_tokens=10**9, max_batch_items=b).encode,
+        "onnx-int8-all": lambda b: OnnxContentEncoder(all_int8_dir, "int8", max_batch_tokens=10**9, max_batch_items=b).encode,
+    }
+    reference = None
+    rows = []
+    for batch_size in batch_sizes:
+        batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]  # arrival order
+        for name, make in runtimes.items():
+            rate, vectors = _items_per_s(make(batch_size), batches)
+            if reference is None:
+                reference = vectors  # torch fp32, the first configuration run
+            cosines = (vectors * reference).sum(axis=1)
+            rows.append({"runtime": name, "batching": f"fixed {batch_size}", "items_per_s": round(rate, 1),
+                         "min_cos": round(float(cosines.min()), 4), "mean_cos": round(float(cosines.mean()), 4)})
+    for name in ("onnx-fp32", "onnx-int8 (service)", "onnx-int8-all"):  # token budget: sorted by length
+        precision_dir = all_int8_dir if name == "onnx-int8-all" else export_dir
+        encoder = OnnxContentEncoder(precision_dir, "fp32" if name == "onnx-fp32" else "int8")
+        rate, vectors = _items_per_s(encoder.encode, [texts])
+        cosines = (vectors * reference).sum(axis=1)
+        rows.append({"runtime": name, "batching": f"token budget {encoder.max_batch_tokens}",
+                     "items_per_s": round(rate, 1), "min_cos": round(float(cosines.min()), 4),
+                     "mean_cos": round(float(cosines.mean()), 4)})
+    torch_best = max(r["items_per_s"] for r in rows if r["runtime"] == "torch-fp32")
+    for row in rows:
+        row["x_torch"] = round(row["items_per_s"] / torch_best, 2)
+    eligible = [r for r in rows if r["min_cos"] >= 0.99 and r["runtime"] != "torch-fp32"]
+    best = max(eligible, key=lambda r: r["items_per_s"])
+    return {"benchmark": "encoder", "machine": machine(), "items": count, "configs": rows,
+            "fastest_with_cos_0.99": best, "best_items_per_s": best["items_per_s"]}
+
+
+# ---- pipeline --------------------------------------------------------------
+
+@bench.command()
+@click.option("--rates", default="10,25,50,100,200", show_default=True, help="Offered uploads/s, each for --seconds.")
+@click.option("--seconds", type=float, default=10.0, show_default=True, help="How long each rate is offered.")
+@click.option("--saturation-items", type=int, default=1500, show_default=True,
+              help="Items sent as fast as possible to measure sustained throughput (0: skip).")
+@click.option("--plot/--no-plot", default=True, show_default=True, help=f"Write {PLOTS_DIR.name}/bench_pipeline.png.")
+@click.option("--json", "as_json", is_flag=True)
+def pipeline(rates: str, seconds: float, saturation_items: int, plot: bool, as_json: bool) -> None:
+    """Upload-to-readable latency under fixed loads, and throughput at saturation vs the encoder ceiling."""
+    summary = run_pipeline_bench([float(r) for r in rates.split(",")], seconds, saturation_items)
+    emit(summary["rates"], summary, as_json)
+    if plot:
+        click.echo(f"plot: {plot_pipeline(summary)}")
+
+
+def run_pipeline_bench(rates: list[float], seconds: float, saturation_items: int) -> dict:
+    from coldstart.demo import ReadabilityWatcher, load_catalogue, upload_at_rate
+    from coldstart.services import LocalRedis
+    from coldstart.stack import LocalStack
+    from encoders.runtime import load_content_encoder
+
+    catalogue = load_catalogue()
+    settings = Settings.from_env(data_dir=Path(tempfile.mkdtemp(prefix="coldstart-bench-")), feast_project="bench")
+    with LocalRedis() as redis_server, LocalStack(replace(settings, redis_url=redis_server.url)) as stack:
+        stack.wait_until_serving()
+        # The encoder's ceiling on the same texts, same precision and batching, while the worker idles.
+        encoder = load_content_encoder(stack.settings.encoder_export_dir, precision=stack.settings.encoder_precision)
+        ceiling, _ = _items_per_s(encoder.encode, [catalogue_texts(len(catalogue))])
+        del encoder
+        watcher = ReadabilityWatcher(stack.store)
+        watcher.start()
+        rows = []
+        for rate in rates:
+            items = _unique_items(catalogue, f"r{rate:g}", int(rate * seconds))
+            upload_at_rate(stack, items, rate, watcher)
+            drained = watcher.wait_all(timeout=120 + len(items) / 20)
+            rows.append(_phase_row(rate, items, watcher, drained))
+        if saturation_items:
+            items = _unique_items(catalogue, "max", saturation_items)
+            upload_at_rate(stack, items, float("inf"), watcher)
+            drained = watcher.wait_all(timeout=120 + saturation_items / 20)
+            rows.append(_phase_row(None, items, watcher, drained))
+        watcher.stopping.set()
+    saturated = rows[-1]["sustained_per_s"] if saturation_items else max(r["sustained_per_s"] for r in rows)
+    at_50 = next((r for r in rows if r["offered_per_s"] == 50), None)
+    return {
+        "benchmark": "pipeline", "machine": machine(), "seconds_per_rate": seconds,
+        "encoder_items_per_s": round(ceiling, 1), "saturated_items_per_s": saturated,
+        "efficiency": round(saturated / ceiling, 3),
+        "p99_ms_at_50": at_50["p99_ms"] if at_50 else None,
+        "rates": rows,
+    }
+
+
+def _unique_items(catalogue: list[dict], tag: str, count: int) -> list[dict]:
+    return [{**catalogue[n % len(catalogue)], "item_id": f"bench-{tag}-{n}"} for n in range(count)]
+
+
+def _phase_row(rate: float | None, items: list[dict], watcher, drained: bool) -> dict:
+    ids = [i["item_id"] for i in items]
+    latencies = watcher.latencies_ms(ids)
+    first_sent = min(watcher.sent_at[i] for i in ids)
+    last_readable = max((watcher.readable_at[i] for i in ids if i in watcher.readable_at), default=first_sent)
+    pct = (lambda q: round(float(np.percentile(latencies, q)), 1)) if len(latencies) else (lambda q: None)
+    return {
+        "offered_per_s": rate if rate is not None else "max",
+        "items": len(ids), "arrived": len(latencies),
+        "sustained_per_s": round(len(latencies) / max(last_readable - first_sent, 1e-9), 1),
+        "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+        "drained": drained,
+    }
+
+
+def plot_pipeline(summary: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary["rates"] if r["offered_per_s"] != "max" and r["arrived"]]
+    offered = [r["offered_per_s"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key, style in (("p50_ms", "o-"), ("p95_ms", "s--"), ("p99_ms", "^-")):
+        ax.plot(offered, [r[key] for r in rows], style, label=key.replace("_ms", ""))
+    ax.axhline(1000, color="grey", lw=0.8, ls=":")
+    ax.axvline(summary["encoder_items_per_s"], color="tab:red", lw=0.8, ls="--", label="encoder ceiling")
+    ax.set(xlabel="offered uploads/s", ylabel="upload → readable in Feast (ms)", yscale="log",
+           title=f"Pipeline latency vs load (efficiency at saturation {summary['efficiency']:.2f})")
+    ax.legend()
+    fig.tight_layout()
+    PLOTS_DIR.mkdir(exist_ok=True)
+    path = PLOTS_DIR / "bench_pipeline.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,89 @@
+"""Writing to the feature store from an agent: retries with backoff, and offline rows buffered until flushed.
+
+Delivery is at-least-once: an agent hands its events to an OfflineBuffer after
+the online write, and the buffer acknowledges them (their offsets may then be
+committed) only once their offline rows are in a parquet part file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pandas as pd
+import pyarrow as pa
+
+from coldstart import feature_store
+
+log = logging.getLogger(__name__)
+
+MAX_RETRY_DELAY_S = 5.0
+
+
+async def retry_forever(what: str, call, *args):
+    """Run a blocking call in a thread until it succeeds, backing off up to MAX_RETRY_DELAY_S.
+
+    The agent waits here rather than skipping: un-acknowledged events are
+    neither committed nor lost, and the consumer stops fetching (backpressure).
+    """
+    delay, failures, first_failure = 0.1, 0, 0.0
+    while True:
+        try:
+            result = await asyncio.to_thread(call, *args)
+        except Exception as err:  # Redis down, disk full…: wait and try again
+            failures += 1
+            first_failure = first_failure or time.monotonic()
+            log.warning("%s failed (attempt %d, %s); retrying in %.1fs", what, failures, describe(err), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_DELAY_S)
+            continue
+        if failures:
+            log.info("%s recovered after %d failed attempts over %.1fs", what, failures, time.monotonic() - first_failure)
+        return result
+
+
+def describe(err: Exception, limit: int = 300) -> str:
+    """An exception on one readable line: Redis pipeline errors quote binary keys."""
+    text = "".join(c if c.isprintable() else "." for c in str(err))
+    return f"{type(err).__name__}: {text[:limit]}"
+
+
+class OfflineBuffer:
+    """Offline rows and the events that produced them, flushed as one part file.
+
+    Acknowledging the events only after the flush keeps at-least-once for the
+    offline store too, without writing one small file per micro-batch.
+    """
+
+    def __init__(self, stream, path: str, schema: pa.Schema, flush_seconds: float):
+        self.stream = stream
+        self.path = path
+        self.schema = schema
+        self.flush_seconds = flush_seconds
+        self.frames: list[pd.DataFrame] = []
+        self.events: list = []
+        self.oldest = time.monotonic()
+        self.lock = asyncio.Lock()
+
+    def add(self, frame: pd.DataFrame | None, events: list) -> None:
+        if not self.events:
+            self.oldest = time.monotonic()
+        if frame is not None and len(frame):
+            self.frames.append(frame)
+        self.events.extend(events)
+
+    async def flush(self, force: bool = False) -> None:
+        async with self.lock:
+            if not self.events or (not force and time.monotonic() - self.oldest < self.flush_seconds):
+                return
+            frames, events = self.frames, self.events
+            self.frames, self.events = [], []
+            if frames:
+                await retry_forever("offline write", feature_store.write_offline, self.path, pd.concat(frames), self.schema)
+            for event in events:
+                await self.stream.ack(event)
+
+
+# Every agent's buffer, flushed by a timer in streams.app so acknowledgements never wait for traffic.
+offline_buffers: list[OfflineBuffer] = []

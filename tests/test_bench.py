@@ -1,0 +1,28 @@
+"""Smoke runs of the benchmarks so they cannot rot: they run and their JSON is well formed (no timings asserted)."""
+
+import json
+import subprocess
+import sys
+
+
+def run_bench(*args: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", "coldstart.cli", "bench", *args, "--json"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_bench_encoder_reports_items_per_s_and_cosine_per_configuration():
+    summary = run_bench("encoder", "--items", "8", "--batch-sizes", "4")
+    runtimes = {row["runtime"] for row in summary["configs"]}
+    assert {"torch-fp32", "onnx-fp32", "onnx-int8 (service)", "onnx-int8-all"} <= runtimes
+    for row in summary["configs"]:
+        assert row["items_per_s"] > 0 and -1 <= row["min_cos"] <= row["mean_cos"] <= 1.0001
+    assert summary["fastest_with_cos_0.99"]["min_cos"] >= 0.99
+
+
+def test_bench_pipeline_reports_latency_per_rate_and_efficiency():
+    summary = run_bench("pipeline", "--rates", "50", "--seconds", "1", "--saturation-items", "20", "--no-plot")
+    assert [row["offered_per_s"] for row in summary["rates"]] == [50.0, "max"]
+    assert all(row["arrived"] == row["items"] for row in summary["rates"])
+    assert summary["efficiency"] > 0 and summary["p99_ms_at_50"] > 0
