@@ -37,5 +37,6 @@ def test_any_event_is_rejected_with_a_reason_or_fully_processable(encoder, event
     text.encode("utf-8")  # valid Unicode: Kafka, Feast and the tokenizer all need it
     vector = encoder.encode([text])[0]
     assert np.isfinite(vector).all() and abs(np.linalg.norm(vector) - 1) < 1e-3
-    frame = feature_store.item_embedding_frame([item.item_id], [vector], encoder.version, [item.uploaded_at])
+    frame = feature_store.item_embedding_frame(
+        [item.item_id], [vector], [vector], [item.title[:200]], encoder.version, [item.uploaded_at])
     assert frame["event_timestamp"].notna().all()
