@@ -36,7 +36,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
+def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -81,7 +81,7 @@ class EmbeddedBroker:
             stdout=self._log_file, stderr=subprocess.STDOUT, env=self.env,
         )
         try:
-            _wait_for_port("127.0.0.1", self.port, timeout, self.process)
+            wait_for_port("127.0.0.1", self.port, timeout, self.process)
         except ServiceError as err:
             self.stop()
             raise ServiceError(f"embedded broker failed to start: {err}; log: {self._log_file.name}") from err
@@ -155,7 +155,7 @@ class LocalRedis:
             [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
-        _wait_for_port("127.0.0.1", self.port, timeout, self.process)
+        wait_for_port("127.0.0.1", self.port, timeout, self.process)
         log.info("started redis-server on %s", self.url)
         return self
 

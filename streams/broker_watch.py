@@ -58,7 +58,9 @@ class TopicIds:
             if current is None:
                 raise TopicMissing(f"topic {topic!r} does not exist on the broker: create the topics "
                                    "(README, 'Pointing it at a real Kafka')")
-            self.first_seen[topic] = current
+        if not self.first_seen:
+            log.info("watching topic ids: %s", ", ".join(f"{t} {now[t]}" for t in WATCHED_TOPICS))
+        self.first_seen.update(now)
 
 
 topic_ids = TopicIds()

@@ -6,7 +6,7 @@ events; the second sends generated events through the real broker and worker.
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, given, settings
 
 from coldstart import feature_store
 from coldstart.settings import Settings
