@@ -6,8 +6,10 @@ from its old positions in new, empty logs — silently skipping every new event
 below them — or wait on topics that no longer exist. Every topic has an id that
 survives a restart of a durable broker (tansu's s3://, Apache Kafka) and changes
 when the topic is created anew, so the worker checks the ids of the topics it
-reads. On a change it writes out what it holds and exits non-zero; restarted, it
-joins the group afresh and reads the new logs from their start.
+reads. On a change it writes out what it holds and exits non-zero, saying why.
+What the broker lost is lost; events sent to it between its restart and the
+check may have been skipped (the check runs every CHECK_INTERVAL_S, offsets are
+committed every second) and must be sent again.
 """
 
 from __future__ import annotations
@@ -75,9 +77,10 @@ async def watch_broker() -> None:
     except BrokerDataLost as lost:
         log.critical(
             "%s: the broker at %s lost its data (tansu's memory:// storage does not survive a restart; use "
-            "s3:// or Apache Kafka). Events it held and this worker had not read are gone; carrying on would "
-            "skip new ones. Writing out what this worker holds and stopping: restarted, it reads the broker's "
-            "new logs from the start.", lost, settings.kafka_bootstrap,
+            "s3:// or Apache Kafka). Events it held that this worker had not processed are gone, and events "
+            "sent to it in the last %.0fs may have been skipped: send them again. Writing out what this worker "
+            "holds and stopping, so that nothing more is skipped silently; a restarted worker carries on "
+            "with the broker's new logs.", lost, settings.kafka_bootstrap, CHECK_INTERVAL_S + 1,
         )
         for offline in offline_buffers:
             await offline.flush(force=True)
