@@ -304,3 +304,19 @@ def test_a_late_older_action_takes_its_place_in_the_users_history(stack, produce
         got = user_vector(stack, user_id, min_history=3)
         assert got["history_length"] == 3
         assert float(np.dot(got["user_embedding"], want)) > 0.9999, user_id
+
+
+# ---- 6. load burst -----------------------------------------------------------
+
+def test_a_burst_of_ten_times_the_sustainable_rate_is_absorbed_in_bounded_memory(stack):
+    from coldstart.bench import run_burst
+
+    padding_kb = 20  # per event, so that a backlog held in the worker's memory would show in its RSS
+    result = run_burst(stack, factor=10, burst_seconds=4, probe_rate=5, saturation_items=200, padding_kb=padding_kb)
+    assert result["lost"] == 0 and result["drained"]
+    assert stack.worker.alive()
+    assert result["latency_recovered_s"] is not None, result  # probes came back to their pre-burst latency
+    assert result["backlog_at_burst_end"] >= result["burst_items"] / 2, result  # the burst outran the worker
+    # Backpressure: the backlog waited in the broker. Holding it would have grown the worker by backlog_mb.
+    growth_mb = result["worker_rss_peak_mb"] - result["worker_rss_before_mb"]
+    assert growth_mb < result["backlog_mb"] / 2, result
