@@ -96,11 +96,12 @@ def materialize(start, end) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 inside a container).")
 @click.option("--port", type=int, default=6566, show_default=True)
 def serve(host: str, port: int) -> None:
-    """Run Feast's HTTP feature server on the project's store (POST /get-online-features)."""
+    """Run the read-only HTTP feature server (Feast's): POST /get-online-features, GET /health."""
     from coldstart import feature_store
+    from coldstart.serving import serve as serve_http
     from coldstart.settings import Settings
 
-    feature_store.open_store(Settings.from_env()).serve(host=host, port=port, type_="http", workers=1)
+    serve_http(feature_store.open_store(Settings.from_env()), host, port)
 
 
 @main.command()

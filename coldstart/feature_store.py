@@ -13,7 +13,7 @@ import logging
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pandas as pd
 import pyarrow as pa
@@ -27,15 +27,19 @@ FEATURE_REPO = Path(__file__).resolve().parent.parent / "feature_repo"
 
 
 def redis_connection_string(redis_url: str) -> str:
-    """redis://[:password@]host:port/db → Feast's "host:port,db=N,password=…,ssl=true"."""
+    """redis://[user:password@]host:port/db → Feast's "host:port,db=N,username=…,password=…,ssl=true"."""
     url = urlparse(redis_url)
     if url.scheme not in ("redis", "rediss"):
         raise ValueError(f"REDIS_URL must start with redis:// or rediss://, got {redis_url!r}")
     parts = [f"{url.hostname or '127.0.0.1'}:{url.port or 6379}"]
     db = (url.path or "/0").lstrip("/") or "0"
     parts.append(f"db={db}")
-    if url.password:
-        parts.append(f"password={url.password}")
+    for name, value in (("username", url.username), ("password", url.password)):
+        if value:
+            value = unquote(value)  # percent-encoded in the URL
+            if "," in value:  # Feast splits its connection string on commas
+                raise ValueError(f"the Redis {name} must not contain ','")
+            parts.append(f"{name}={value}")
     if url.scheme == "rediss":
         parts.append("ssl=true")
     return ",".join(parts)
@@ -169,6 +173,8 @@ def write_offline(source_path: str | Path, frame: pd.DataFrame, schema: pa.Schem
 
 def read_item_features(store, item_ids: list[str], features=("item_embedding", "model_version")) -> dict[str, dict]:
     """Online lookup: item_id → {feature: value} for the items that exist."""
+    if not item_ids:
+        return {}  # Feast fails on an empty entity list
     response = store.get_online_features(
         features=[f"item_embedding:{f}" for f in features],
         entity_rows=[{"item_id": i} for i in item_ids],

@@ -36,7 +36,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
+def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -81,7 +81,7 @@ class EmbeddedBroker:
             stdout=self._log_file, stderr=subprocess.STDOUT, env=self.env,
         )
         try:
-            _wait_for_port("127.0.0.1", self.port, timeout, self.process)
+            wait_for_port("127.0.0.1", self.port, timeout, self.process)
         except ServiceError as err:
             self.stop()
             raise ServiceError(f"embedded broker failed to start: {err}; log: {self._log_file.name}") from err
@@ -137,26 +137,28 @@ def redis_answers(url: str) -> bool:
 
 
 class LocalRedis:
-    """A redis-server child process on a free port, keeping nothing on disk."""
+    """A redis-server child process on a free port, keeping nothing on disk (with a password if given)."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, password: str = ""):
         self.port = port or free_port()
+        self.password = password
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0" if self.password else f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10) -> "LocalRedis":
         binary = shutil.which("redis-server")
         if binary is None:
             raise ServiceError(_NO_REDIS_HELP)
         self.process = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"],
+            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
-        _wait_for_port("127.0.0.1", self.port, timeout, self.process)
-        log.info("started redis-server on %s", self.url)
+        wait_for_port("127.0.0.1", self.port, timeout, self.process)
+        log.info("started redis-server on port %d", self.port)
         return self
 
     def stop(self) -> None:

@@ -76,13 +76,14 @@ def item_event(item: dict, uploaded_at: datetime | None = None) -> dict:
     return {**item, "uploaded_at": (uploaded_at or datetime.now(timezone.utc)).isoformat()}
 
 
-def new_producer(settings: Settings) -> KafkaProducer:
+def new_producer(settings: Settings, **options) -> KafkaProducer:
     return KafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         linger_ms=0,
         acks=1,
         enable_idempotence=False,  # tansu rejects InitProducerId
         **settings.kafka_client_options(),
+        **options,
     )
 
 
@@ -102,11 +103,12 @@ def send_action(producer: KafkaProducer, user_id: str, item_id: str, action: str
 class LocalStack:
     """Redis (the configured one, or a started one), an embedded broker, Feast and workers."""
 
-    def __init__(self, settings: Settings | None = None, worker: bool = True, **overrides):
+    def __init__(self, settings: Settings | None = None, worker: bool = True, broker: EmbeddedBroker | None = None,
+                 **overrides):
         self.settings = settings or Settings.from_env(**overrides)
         self.start_worker = worker
         self.redis: LocalRedis | None = None
-        self.broker: EmbeddedBroker | None = None
+        self.broker = broker  # None: a broker with memory storage
         self.worker: WorkerProcess | None = None
         self.store = None
 
@@ -115,7 +117,7 @@ class LocalStack:
             self.redis = ensure_redis(self.settings)
             if self.redis:
                 self.settings = replace(self.settings, redis_url=self.redis.url)
-            self.broker = EmbeddedBroker().start()
+            self.broker = (self.broker or EmbeddedBroker()).start()
             self.settings = replace(self.settings, kafka_bootstrap=self.broker.bootstrap)
             create_topics(self.settings)
             self.store = feature_store.apply(self.settings)

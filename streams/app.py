@@ -75,6 +75,9 @@ app = ColdstartApp(
     broker_commit_interval=1.0,
     web_enabled=False,
     producer_linger=0.0,
+    # Backpressure: at most this many events wait in an agent's buffer; beyond it the
+    # consumer stops fetching, so a burst waits in Kafka, not in the worker's memory.
+    stream_buffer_maxsize=4 * settings.batch_size,
     **_dev_options,
 )
 
@@ -97,3 +100,4 @@ async def flush_offline_rows():
 
 import streams.items  # noqa: E402,F401  (registers the item agent on `app`)
 import streams.users  # noqa: E402,F401  (registers the user agent and its table)
+import streams.broker_watch  # noqa: E402,F401  (stops the worker if the broker lost its data)

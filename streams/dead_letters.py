@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 from datetime import datetime, timezone
 
@@ -11,16 +12,24 @@ from streams.records import DeadLetter
 
 log = logging.getLogger(__name__)
 
+# A dead letter must always fit in a Kafka message (1 MB by default) even when its
+# event did not, or the send fails and the event blocks its partition: the original
+# is kept up to this size, with the size and sha256 of the whole.
+MAX_ORIGINAL_BYTES = 64 * 1024
+MAX_KEY_BYTES = 1024
+
 
 async def send_dead_letter(topic: str, partition: int, offset: int, key, original: bytes | None, reason: str) -> None:
     """Publish a dead letter and wait until it is durable (before its event may be acknowledged)."""
     log.info("dead letter %s[%d]@%d: %s", topic, partition, offset, reason)
-    key_bytes = key if isinstance(key, bytes) else (key.encode() if key else None)
+    key_bytes = (key if isinstance(key, bytes) else key.encode())[:MAX_KEY_BYTES] if key else None
+    original = original or b""
     delivery = await dead_letters_topic.send(
         key=key_bytes,
         value=DeadLetter(
             topic=topic, partition=partition, offset=offset, reason=reason,
-            original_base64=base64.b64encode(original or b"").decode("ascii"),
+            original_base64=base64.b64encode(original[:MAX_ORIGINAL_BYTES]).decode("ascii"),
+            original_size=len(original), original_sha256=hashlib.sha256(original).hexdigest(),
             key=key_bytes.decode("utf-8", "replace") if key_bytes else None,
             received_at=datetime.now(timezone.utc),
         ),

@@ -31,13 +31,15 @@ class ItemEmbedding(faust.Record, serializer="json", isodates=True):
 
 
 class DeadLetter(faust.Record, serializer="json", isodates=True):
-    """An event that could not be processed, with the bytes exactly as received."""
+    """An event that could not be processed, with the bytes as received (the first 64 KiB of them)."""
 
     topic: str
     partition: int
     offset: int
     reason: str
-    original_base64: str  # the original value bytes, base64: they may not be valid UTF-8
+    original_base64: str  # the original value bytes, base64 (they may not be valid UTF-8), cut at 64 KiB
+    original_size: int  # bytes of the whole original: more than the base64 holds if it was cut
+    original_sha256: str  # of the whole original, to match it against a producer's records
     key: Optional[str] = None
     received_at: Optional[datetime] = None
 

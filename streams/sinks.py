@@ -27,14 +27,26 @@ async def retry_forever(what: str, call, *args):
     The agent waits here rather than skipping: un-acknowledged events are
     neither committed nor lost, and the consumer stops fetching (backpressure).
     """
-    delay = 0.1
+    delay, failures, first_failure = 0.1, 0, 0.0
     while True:
         try:
-            return await asyncio.to_thread(call, *args)
+            result = await asyncio.to_thread(call, *args)
         except Exception as err:  # Redis down, disk full…: wait and try again
-            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(err).__name__, err, delay)
+            failures += 1
+            first_failure = first_failure or time.monotonic()
+            log.warning("%s failed (attempt %d, %s); retrying in %.1fs", what, failures, describe(err), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_DELAY_S)
+            continue
+        if failures:
+            log.info("%s recovered after %d failed attempts over %.1fs", what, failures, time.monotonic() - first_failure)
+        return result
+
+
+def describe(err: Exception, limit: int = 300) -> str:
+    """An exception on one readable line: Redis pipeline errors quote binary keys."""
+    text = "".join(c if c.isprintable() else "." for c in str(err))
+    return f"{type(err).__name__}: {text[:limit]}"
 
 
 class OfflineBuffer:

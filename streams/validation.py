@@ -6,9 +6,15 @@ for items), `action` (one of ACTIONS) and `occurred_at` (as `uploaded_at`).
 Rules for item uploads:
 - a JSON object with `item_id` (non-empty string), `title` (string) and
   `uploaded_at` (ISO-8601 with a time zone, or epoch seconds);
+- event times (`uploaded_at`, `occurred_at`) between 1970 and MAX_FUTURE ahead
+  of this worker's clock: a far-future time would stay "newest" and shadow every
+  later update;
 - optional `description`, `category`, `brand` (strings), `price` (finite number
   ≥ 0 or null), `tags` (list of strings); unknown fields are ignored;
 - there must be some text to encode: title and description are not both blank;
+- unpaired UTF-16 surrogates (valid JSON escapes, not valid Unicode) in text are
+  replaced by U+FFFD, so a producer that cut a string mid-emoji loses one
+  character, not the item;
 - long text is kept and truncated at encode time (encoders.text, the tokenizer);
   more than MAX_TAGS tags are cut to the first MAX_TAGS.
 """
@@ -17,12 +23,17 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+import re
+from datetime import datetime, timedelta, timezone
 
 from streams.records import ItemUpload, UserAction
 
 MAX_ID_CHARS = 256
 MAX_TAGS = 64
+MAX_FUTURE = timedelta(hours=1)  # allowance for producer clock skew
+MAX_FUTURE_TEXT = "1 hour"
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_SURROGATES = re.compile("[\ud800-\udfff]")
 # Actions that say "more like this" and enter the user's history, and the ones that do not.
 POSITIVE_ACTIONS = frozenset({"click", "like", "share", "purchase"})
 ACTIONS = POSITIVE_ACTIONS | {"skip"}
@@ -35,8 +46,8 @@ class InvalidEvent(ValueError):
 def parse_item_upload(raw: bytes | None) -> ItemUpload:
     data = _json_object(raw)
     item_id = _identifier(data, "item_id")
-    title = _required_str(data, "title")
-    description = _optional_str(data, "description")
+    title = _text(_required_str(data, "title"))
+    description = _text(_optional_str(data, "description"))
     if not title.strip() and not description.strip():
         raise InvalidEvent("no text to encode: title and description are both empty")
     tags = data.get("tags")
@@ -49,10 +60,10 @@ def parse_item_upload(raw: bytes | None) -> ItemUpload:
         title=title,
         uploaded_at=_event_time(data, "uploaded_at"),
         description=description,
-        category=_optional_str(data, "category"),
-        brand=_optional_str(data, "brand"),
+        category=_text(_optional_str(data, "category")),
+        brand=_text(_optional_str(data, "brand")),
         price=_price(data),
-        tags=tags[:MAX_TAGS],
+        tags=[_text(t) for t in tags[:MAX_TAGS]],
     )
 
 
@@ -81,7 +92,7 @@ def _json_object(raw: bytes | None) -> dict:
         raise InvalidEvent("empty message (no value)")
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
         raise InvalidEvent(f"not valid JSON: {err}") from None
     except RecursionError:
         raise InvalidEvent("not valid JSON: nested too deeply") from None
@@ -99,6 +110,10 @@ def _required_str(data: dict, name: str) -> str:
     return value
 
 
+def _text(value: str) -> str:
+    return _SURROGATES.sub("\ufffd", value)
+
+
 def _optional_str(data: dict, name: str) -> str:
     value = data.get(name)
     if value is None:
@@ -114,27 +129,37 @@ def _price(data: dict) -> float | None:
         return None
     if isinstance(price, bool) or not isinstance(price, (int, float)):
         raise InvalidEvent(f"price must be a number, got {type(price).__name__}")
-    if not math.isfinite(price) or price < 0:
-        raise InvalidEvent(f"price must be a finite number ≥ 0, got {price}")
+    if not math.isfinite(_as_float(price)) or price < 0:
+        raise InvalidEvent(f"price must be a finite number ≥ 0, got {price!r:.40}")
     return float(price)
+
+
+def _as_float(number: int | float) -> float:
+    try:
+        return float(number)
+    except OverflowError:  # an integer with more digits than a float holds
+        return math.inf
 
 
 def _event_time(data: dict, name: str) -> datetime:
     if name not in data or data[name] is None:
         raise InvalidEvent(f"missing required field {name!r}")
     value = data[name]
-    if isinstance(value, bool):
-        raise InvalidEvent(f"{name} must be an ISO-8601 string or epoch seconds, got bool")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value) or not 0 <= value < 32503680000:  # before year 3000
-            raise InvalidEvent(f"{name} epoch seconds out of range: {value}")
-        return datetime.fromtimestamp(value, tz=timezone.utc)
-    if not isinstance(value, str):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise InvalidEvent(f"{name} must be an ISO-8601 string or epoch seconds, got {type(value).__name__}")
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidEvent(f"{name} is not an ISO-8601 time: {value[:40]!r}") from None
-    if parsed.tzinfo is None:
-        raise InvalidEvent(f"{name} needs a time zone (e.g. 2026-01-31T12:00:00Z)")
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidEvent(f"{name} is not an ISO-8601 time: {value[:40]!r}") from None
+        if parsed.tzinfo is None:
+            raise InvalidEvent(f"{name} needs a time zone (e.g. 2026-01-31T12:00:00Z)")
+    else:
+        try:
+            parsed = datetime.fromtimestamp(value, tz=timezone.utc)
+        except (ValueError, OverflowError, OSError):
+            raise InvalidEvent(f"{name} epoch seconds out of range: {value!r:.40}") from None
+    latest = datetime.now(timezone.utc) + MAX_FUTURE
+    if not EPOCH <= parsed <= latest:
+        raise InvalidEvent(f"{name} must be between 1970 and {MAX_FUTURE_TEXT} from now, got {parsed.isoformat()}")
     return parsed.astimezone(timezone.utc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 import uuid
 
@@ -18,19 +19,45 @@ from kafka import KafkaConsumer, TopicPartition
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from coldstart import feature_store  # noqa: E402
-from coldstart.services import LocalRedis  # noqa: E402
+from coldstart.services import LocalRedis, free_port, wait_for_port  # noqa: E402
 from coldstart.settings import Settings  # noqa: E402
-from coldstart.stack import LocalStack, item_event, new_producer, send_item  # noqa: E402
+from coldstart.stack import LocalStack, WorkerProcess, item_event, new_producer, send_item  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def redis_url():
-    """A redis-server of the tests' own on a free port, or REDIS_URL if none can be started."""
+def redis_server():
+    """A redis-server of the tests' own on a free port; None if there is no redis-server to start."""
     if shutil.which("redis-server"):
         with LocalRedis() as server:
-            yield server.url
+            yield server
     else:
-        yield os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
+        yield None
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server):
+    """The tests' own Redis, or REDIS_URL if none can be started."""
+    return redis_server.url if redis_server else os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="session")
+def s3_storage():
+    """Durable broker storage: a local S3-compatible server (moto) with a bucket; yields (engine URL, env)."""
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([shutil.which("moto_server") or "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port("127.0.0.1", port, 30, server)
+        credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="test",
+                     aws_secret_access_key="test", region_name="us-east-1").create_bucket(Bucket="tansu")
+        yield "s3://tansu/", {**os.environ, **credentials, "AWS_ENDPOINT": f"http://127.0.0.1:{port}",
+                              "AWS_ALLOW_HTTP": "true"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +83,18 @@ def producer(stack):
 
 def unique_id(prefix: str = "item") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def restart_worker(stack, crash: bool) -> None:
+    stack.worker.kill() if crash else stack.worker.stop()
+    stack.worker = WorkerProcess(stack.settings).start()
+
+
+def upload_batch(producer, prefix: str, count: int) -> list[str]:
+    ids = [unique_id(prefix) for _ in range(count)]
+    for item_id in ids:
+        upload(producer, {"item_id": item_id, "title": f"Item {item_id} about gardening"})
+    return ids
 
 
 def upload(producer, item: dict | bytes, key: str | None = None) -> None:

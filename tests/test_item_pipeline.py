@@ -2,11 +2,9 @@
 
 import base64
 import json
-from datetime import datetime, timezone
 
 import numpy as np
 
-from coldstart.stack import item_event
 from encoders.runtime import OnnxContentEncoder
 from encoders.text import item_text
 from encoders.tower_runtime import load_towers
@@ -70,19 +68,3 @@ def test_huge_text_is_encoded_truncated(stack, producer):
     served = wait_readable(stack.store, [huge["item_id"]], timeout=30)[huge["item_id"]]
     want, _ = encode_directly(stack, huge)  # the same truncation applies on both paths
     assert float(np.dot(served["item_embedding"], want)) > 0.9999
-
-
-def test_newer_upload_replaces_and_replay_of_older_does_not(stack, producer):
-    item_id = unique_id()
-    first = {"item_id": item_id, "title": "Gardening for beginners"}
-    second = {"item_id": item_id, "title": "Quantum field theory lecture notes"}
-    older = item_event(first, uploaded_at=datetime(2026, 1, 1, tzinfo=timezone.utc))
-    newer = item_event(second, uploaded_at=datetime(2026, 6, 1, tzinfo=timezone.utc))
-    upload(producer, json.dumps(newer).encode(), key=item_id)
-    wait_readable(stack.store, [item_id])
-    upload(producer, json.dumps(older).encode(), key=item_id)  # late, older event
-    marker = {"item_id": unique_id(), "title": "marker sent after the older event"}
-    upload(producer, marker)
-    served = wait_readable(stack.store, [item_id, marker["item_id"]])[item_id]
-    want_newer, _ = encode_directly(stack, second)
-    assert float(np.dot(served["item_embedding"], want_newer)) > 0.9999

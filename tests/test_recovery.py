@@ -1,4 +1,7 @@
-"""Nothing acknowledged is lost: worker restarts and an online store rebuilt from the offline store."""
+"""Nothing acknowledged is lost: a graceful worker restart, and an online store rebuilt from the offline store.
+
+The crash and outage scenarios are in test_reliability.py.
+"""
 
 import os
 import subprocess
@@ -8,20 +11,9 @@ import time
 import pytest
 import redis
 
-from coldstart.stack import WorkerProcess
-from tests.conftest import unique_id, upload, wait_readable
+from tests.conftest import restart_worker, upload_batch, wait_readable
 
-
-def restart_worker(stack, crash: bool) -> None:
-    stack.worker.kill() if crash else stack.worker.stop()
-    stack.worker = WorkerProcess(stack.settings).start()
-
-
-def upload_batch(producer, prefix: str, count: int) -> list[str]:
-    ids = [unique_id(prefix) for _ in range(count)]
-    for item_id in ids:
-        upload(producer, {"item_id": item_id, "title": f"Item {item_id} about gardening"})
-    return ids
+pytestmark = pytest.mark.reliability
 
 
 def test_graceful_restart_loses_nothing(stack, producer):
@@ -29,15 +21,6 @@ def test_graceful_restart_loses_nothing(stack, producer):
     restart_worker(stack, crash=False)  # some of `before` may not be processed yet
     during = upload_batch(producer, "during", 20)  # sent while no worker is up
     wait_readable(stack.store, before + during, timeout=60)
-
-
-@pytest.mark.reliability
-def test_worker_killed_mid_batch_loses_nothing(stack, producer):
-    ids = upload_batch(producer, "killed", 40)
-    time.sleep(0.3)  # let the worker get into the middle of it
-    restart_worker(stack, crash=True)  # SIGKILL: nothing flushed, nothing committed gracefully
-    ids += upload_batch(producer, "after-kill", 10)
-    wait_readable(stack.store, ids, timeout=60)
 
 
 def test_materialize_rebuilds_a_wiped_online_store(stack, producer):

@@ -1,7 +1,7 @@
 """Parsing and validating raw item-upload bytes (the rules that decide dead letters)."""
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -24,6 +24,18 @@ def test_minimal_event_parses_with_defaults():
 def test_epoch_seconds_and_extra_fields_are_accepted():
     item = parse_item_upload(raw(uploaded_at=1767225600, colour="red"))
     assert item.uploaded_at == datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def test_unpaired_surrogates_in_text_become_replacement_characters():
+    item = parse_item_upload(raw(title="cut mid-emoji \ud83d", tags=["\udc00ok"]))
+    assert (item.title, item.tags) == ("cut mid-emoji \ufffd", ["\ufffdok"])
+
+
+def test_event_time_up_to_an_hour_ahead_is_accepted_and_further_is_not():
+    now = datetime.now(timezone.utc)
+    assert parse_item_upload(raw(uploaded_at=(now + timedelta(minutes=50)).isoformat())).uploaded_at > now
+    with pytest.raises(InvalidEvent, match="uploaded_at must be between 1970 and 1 hour from now"):
+        parse_item_upload(raw(uploaded_at=(now + timedelta(hours=2)).isoformat()))
 
 
 def test_huge_tag_lists_are_cut():
@@ -54,6 +66,12 @@ def test_huge_tag_lists_are_cut():
         (raw(uploaded_at="yesterday"), "not an ISO-8601 time"),
         (raw(uploaded_at="2026-01-31T12:00:00"), "needs a time zone"),
         (raw(title="", description="   "), "no text to encode"),
+        (raw(price=10**400), "price must be a finite number"),
+        (b'{"item_id": "x", "title": "t", "uploaded_at": 1' + b"0" * 5000 + b"}", "not valid JSON: Exceeds the limit"),
+        (raw(uploaded_at=-1), "uploaded_at must be between 1970"),
+        (raw(uploaded_at=10**400), "epoch seconds out of range"),
+        (raw(uploaded_at="2500-01-01T00:00:00Z"), "uploaded_at must be between 1970"),
+        (raw(uploaded_at="0001-01-01T00:00:00+01:00"), "uploaded_at must be between 1970"),
     ],
 )
 def test_invalid_events_are_rejected_with_a_reason(payload, reason):
