@@ -30,6 +30,7 @@ from streams.records import ItemUpload, UserAction
 
 MAX_ID_CHARS = 256
 MAX_TAGS = 64
+MAX_JSON_DEPTH = 256  # far below Python's recursion limit, far above any real event
 MAX_FUTURE = timedelta(hours=1)  # allowance for producer clock skew
 MAX_FUTURE_TEXT = "1 hour"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -90,15 +91,38 @@ def _identifier(data: dict, name: str) -> str:
 def _json_object(raw: bytes | None) -> dict:
     if raw is None:
         raise InvalidEvent("empty message (no value)")
+    if _nesting_depth(raw) > MAX_JSON_DEPTH:
+        # Checked before parsing: how deep json.loads can go depends on the caller's stack,
+        # and the same event must get the same verdict wherever it is parsed.
+        raise InvalidEvent(f"not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         data = json.loads(raw)
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
         raise InvalidEvent(f"not valid JSON: {err}") from None
-    except RecursionError:
-        raise InvalidEvent("not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidEvent(f"expected a JSON object, got {type(data).__name__}")
     return data
+
+
+_STRUCTURE = re.compile(rb'\\.|"|[\[\]{}]')  # escapes, quotes and brackets: all the depth depends on
+
+
+def _nesting_depth(raw: bytes) -> int:
+    """Deepest bracket nesting outside strings (cheap unless the event is full of brackets)."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0  # cannot be deeper than the bracket count
+    depth = deepest = 0
+    in_string = False
+    for match in _STRUCTURE.finditer(raw):
+        token = match.group()
+        if token == b'"':
+            in_string = not in_string
+        elif not in_string and token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif not in_string and token in (b"]", b"}"):
+            depth -= 1
+    return deepest
 
 
 def _required_str(data: dict, name: str) -> str:
