@@ -291,7 +291,7 @@ def run_lookup_bench(sizes: list[int], repeats: int) -> dict:
 
     from coldstart import feature_store
     from coldstart.ranking import ranking_features
-    from coldstart.services import LocalRedis, free_port
+    from coldstart.services import LocalRedis, die_with_parent, free_port
 
     rng = np.random.default_rng(0)
     unit = lambda n, d: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(rng.normal(size=(n, d)).astype(np.float32))
@@ -309,7 +309,8 @@ def run_lookup_bench(sizes: list[int], repeats: int) -> dict:
             ["user-0"], unit(1, dim), [10], "bench", [now]))
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "coldstart.cli", "serve", "--port", str(port)],
-                                  env={**os.environ, **settings.as_env()}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  env={**os.environ, **settings.as_env()}, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
         try:
             _wait_http(port)
             results = []

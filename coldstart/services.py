@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +29,16 @@ log = logging.getLogger(__name__)
 
 class ServiceError(RuntimeError):
     """A service the project needs is missing; the message says what to do."""
+
+
+def die_with_parent() -> None:
+    """Popen preexec_fn: the child gets SIGTERM when the process that started it dies (Linux),
+    so a test run or demo killed hard leaves no broker, Redis or worker behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -78,7 +89,7 @@ class EmbeddedBroker:
         self.process = subprocess.Popen(
             [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", self.storage_engine],
-            stdout=self._log_file, stderr=subprocess.STDOUT, env=self.env,
+            stdout=self._log_file, stderr=subprocess.STDOUT, env=self.env, preexec_fn=die_with_parent,
         )
         try:
             wait_for_port("127.0.0.1", self.port, timeout, self.process)
@@ -155,7 +166,7 @@ class LocalRedis:
         self.process = subprocess.Popen(
             [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
              *(["--requirepass", self.password] if self.password else [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
         )
         wait_for_port("127.0.0.1", self.port, timeout, self.process)
         log.info("started redis-server on port %d", self.port)

@@ -23,7 +23,7 @@ from pathlib import Path
 from kafka import KafkaProducer
 
 from coldstart import feature_store
-from coldstart.services import EmbeddedBroker, LocalRedis, create_topics, ensure_redis
+from coldstart.services import EmbeddedBroker, LocalRedis, create_topics, die_with_parent, ensure_redis
 from coldstart.settings import Settings
 from encoders.runtime import ensure_exported
 
@@ -43,7 +43,7 @@ class WorkerProcess:
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "coldstart.cli", "worker"],
-                env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                env=env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
             )
         return self
 
