@@ -71,8 +71,8 @@ def _items_per_s(encode, batches: list[list[str]]) -> tuple[float, np.ndarray]:
 
 
 @bench.command()
-@click.option("--items", "count", type=int, default=300, show_default=True, help="Texts per configuration.")
-@click.option("--batch-sizes", default="1,8,32,128", show_default=True)
+@click.option("--items", "count", type=int, default=200, show_default=True, help="Texts per configuration.")
+@click.option("--batch-sizes", default="1,8,64", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def encoder(count: int, batch_sizes: str, as_json: bool) -> None:
     """Items/s of the frozen encoder: torch eager fp32 vs ONNX Runtime fp32 vs int8, by batching."""
@@ -228,6 +228,232 @@ def plot_pipeline(summary: dict) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---- lookup ----------------------------------------------------------------
+
+def _raw_redis_reader(settings: Settings, user_id: str, item_ids: list[str]):
+    """HMGET of exactly the keys and fields Feast reads for ranking_v1, pipelined, nothing decoded."""
+    import redis
+    from feast.infra.online_stores.helpers import _mmh3, _redis_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    def key(join_key: str, value: str) -> bytes:
+        return _redis_key(settings.feast_project, EntityKey(join_keys=[join_key], entity_values=[Value(string_val=value)]), 3)
+
+    client = redis.Redis.from_url(settings.redis_url)
+    user_fields = [_mmh3("user_embedding:user_embedding"), _mmh3("user_embedding:history_length"), "_ts:user_embedding"]
+    item_fields = [_mmh3("item_embedding:item_embedding"), _mmh3("item_embedding:title"), "_ts:item_embedding"]
+    requests = [(key("user_id", user_id), user_fields)] + [(key("item_id", i), item_fields) for i in item_ids]
+
+    def read():
+        with client.pipeline(transaction=False) as pipe:
+            for redis_key, fields in requests:
+                pipe.hmget(redis_key, fields)
+            return pipe.execute()
+
+    return read
+
+
+def _http_reader(port: int, user_id: str, item_ids: list[str]):
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # kept alive across calls
+    body = json.dumps({"feature_service": "ranking_v1",
+                       "entities": {"user_id": [user_id] * len(item_ids), "item_id": item_ids}})
+
+    def read():
+        connection.request("POST", "/get-online-features", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        payload = response.read()
+        assert response.status == 200, payload[:300]
+        return payload
+
+    return read
+
+
+@bench.command()
+@click.option("--sizes", default="1,10,100,500", show_default=True, help="Candidate items per lookup (plus 1 user).")
+@click.option("--repeats", type=int, default=200, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def lookup(sizes: str, repeats: int, as_json: bool) -> None:
+    """Ranking reads (1 user + N items): Feast SDK and HTTP feature server against raw redis-py, in one run."""
+    summary = run_lookup_bench([int(s) for s in sizes.split(",")], repeats)
+    emit(summary["results"], summary, as_json)
+
+
+def run_lookup_bench(sizes: list[int], repeats: int) -> dict:
+    import subprocess
+    import sys
+    import urllib.request
+    from datetime import datetime, timezone
+
+    from coldstart import feature_store
+    from coldstart.ranking import ranking_features
+    from coldstart.services import LocalRedis, free_port
+
+    rng = np.random.default_rng(0)
+    unit = lambda n, d: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(rng.normal(size=(n, d)).astype(np.float32))
+    settings = Settings.from_env(data_dir=Path(tempfile.mkdtemp(prefix="coldstart-bench-")), feast_project="bench_lookup")
+    item_ids = [f"item-{n}" for n in range(max(sizes))]
+    now = datetime.now(timezone.utc)
+    with LocalRedis() as redis_server:
+        settings = replace(settings, redis_url=redis_server.url)
+        os.environ["COLDSTART_DATA_DIR"] = str(settings.data_dir)
+        store = feature_store.apply(settings)
+        dim = 64
+        feature_store.push_online(store, "item_embeddings_push_source", feature_store.item_embedding_frame(
+            item_ids, unit(len(item_ids), dim), unit(len(item_ids), 384), item_ids, "bench", [now] * len(item_ids)))
+        feature_store.push_online(store, "user_embeddings_push_source", feature_store.user_embedding_frame(
+            ["user-0"], unit(1, dim), [10], "bench", [now]))
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "coldstart.cli", "serve", "--port", str(port)],
+                                  env={**os.environ, **settings.as_env()}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_http(port)
+            results = []
+            for size in sizes:
+                ids = item_ids[:size]
+                readers = {
+                    "feast-sdk (ranking_v1 + affinity)": lambda ids=ids: ranking_features("user-0", ids, store),
+                    "feast-http (ranking_v1 + affinity)": _http_reader(port, "user-0", ids),
+                    "raw-redis (same keys)": _raw_redis_reader(settings, "user-0", ids),
+                }
+                timings = {name: [] for name in readers}
+                for _ in range(repeats):  # interleaved: every method sees the same machine state
+                    for name, read in readers.items():
+                        start = time.perf_counter()
+                        read()
+                        timings[name].append((time.perf_counter() - start) * 1000)
+                raw_p99 = float(np.percentile(timings["raw-redis (same keys)"], 99))
+                for name, ms in timings.items():
+                    p99 = float(np.percentile(ms, 99))
+                    results.append({"items": size, "path": name, "p50_ms": round(float(np.percentile(ms, 50)), 3),
+                                    "p99_ms": round(p99, 3), "p99_ratio_to_raw": round(p99 / raw_p99, 2)})
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    at_100 = {r["path"]: r for r in results if r["items"] == 100}
+    return {
+        "benchmark": "lookup", "machine": machine(), "repeats": repeats, "results": results,
+        "ratio_to_raw_p99_100": at_100["feast-sdk (ranking_v1 + affinity)"]["p99_ratio_to_raw"] if at_100 else None,
+        "http_ratio_to_raw_p99_100": at_100["feast-http (ranking_v1 + affinity)"]["p99_ratio_to_raw"] if at_100 else None,
+    }
+
+
+def _wait_http(port: int, timeout: float = 90) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"feature server on port {port} did not answer within {timeout:.0f}s")
+
+
+# ---- actions ---------------------------------------------------------------
+
+class UserVectorWatcher:
+    """Polls Feast for users whose vector should reflect more actions; records when it does."""
+
+    def __init__(self, store, poll_interval: float = 0.01):
+        import threading
+
+        self.store = store
+        self.poll_interval = poll_interval
+        self.expected: dict[str, int] = {}  # user → history length the last sent action leads to
+        self.pending: list[tuple[str, int, float]] = []  # (user, length, sent at)
+        self.latencies_ms: list[float] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def sent(self, user_id: str) -> None:
+        with self.lock:
+            self.expected[user_id] = self.expected.get(user_id, 0) + 1
+            self.pending.append((user_id, self.expected[user_id], time.monotonic()))
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            with self.lock:
+                users = sorted({u for u, _, _ in self.pending})[:256]
+            if users:
+                lengths = self.store.get_online_features(
+                    features=["user_embedding:history_length"], entity_rows=[{"user_id": u} for u in users]
+                ).to_dict()["history_length"]
+                seen = dict(zip(users, lengths))
+                now = time.monotonic()
+                with self.lock:
+                    still = []
+                    for user_id, length, sent_at in self.pending:
+                        if (seen.get(user_id) or 0) >= length:
+                            self.latencies_ms.append((now - sent_at) * 1000)
+                        else:
+                            still.append((user_id, length, sent_at))
+                    self.pending = still
+            time.sleep(self.poll_interval)
+
+    def wait_all(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.pending:
+                    return True
+            time.sleep(0.05)
+        return False
+
+
+@bench.command()
+@click.option("--rate", type=float, default=100.0, show_default=True, help="Actions per second.")
+@click.option("--seconds", type=float, default=10.0, show_default=True)
+@click.option("--users", type=int, default=200, show_default=True, help="Distinct users acting (max history 50 each).")
+@click.option("--json", "as_json", is_flag=True)
+def actions(rate: float, seconds: float, users: int, as_json: bool) -> None:
+    """Action-to-updated-user-vector latency at a fixed action rate (clicks on known items)."""
+    summary = run_actions_bench(rate, seconds, users)
+    emit([summary["row"]], summary, as_json)
+
+
+def run_actions_bench(rate: float, seconds: float, users: int) -> dict:
+    from coldstart.demo import ReadabilityWatcher, load_catalogue, upload_at_rate
+    from coldstart.services import LocalRedis
+    from coldstart.stack import LocalStack, new_producer, send_action
+
+    catalogue = load_catalogue()
+    settings = Settings.from_env(data_dir=Path(tempfile.mkdtemp(prefix="coldstart-bench-")), feast_project="bench_actions")
+    with LocalRedis() as redis_server, LocalStack(replace(settings, redis_url=redis_server.url)) as stack:
+        stack.wait_until_serving()
+        items = ReadabilityWatcher(stack.store)
+        items.start()
+        upload_at_rate(stack, catalogue, float("inf"), items)  # every item known before the actions start
+        items.wait_all(timeout=120)
+        items.stopping.set()
+        watcher = UserVectorWatcher(stack.store)
+        watcher.thread.start()
+        producer = new_producer(stack.settings)
+        rng = np.random.default_rng(0)
+        count = int(rate * seconds)
+        start = time.monotonic()
+        for n in range(count):
+            delay = start + n / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            user_id = f"bench-user-{rng.integers(users)}"
+            watcher.sent(user_id)
+            send_action(producer, user_id, catalogue[rng.integers(len(catalogue))]["item_id"], "click")
+        producer.flush()
+        drained = watcher.wait_all(timeout=120)
+        watcher.stopping.set()
+        producer.close()
+    latencies = np.array(watcher.latencies_ms)
+    pct = lambda q: round(float(np.percentile(latencies, q)), 1) if len(latencies) else None
+    row = {"rate_per_s": rate, "actions": count, "updated": len(latencies), "p50_ms": pct(50), "p95_ms": pct(95),
+           "p99_ms": pct(99), "drained": drained}
+    return {"benchmark": "actions", "machine": machine(), "row": row, f"action_to_vector_p99_ms_at_{rate:g}": pct(99)}
 
 
 # ---- burst -----------------------------------------------------------------

@@ -153,5 +153,12 @@ from coldstart.bench import bench  # noqa: E402
 
 main.add_command(bench)
 
+# The LEARN model's commands: data fetch, train, evaluate, export-towers (encoders/commands.py).
+from encoders.commands import COMMANDS  # noqa: E402
+
+for _command in COMMANDS:
+    main.add_command(_command)
+
+
 if __name__ == "__main__":
     main()

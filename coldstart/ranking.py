@@ -9,6 +9,7 @@ Both read the versioned feature service `ranking_v1` (feature_repo/feature_servi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def ranking_features(user_id: str, item_ids: list[str], store=None) -> RankingFe
         raise ValueError(f"{len(item_ids)} candidates is more than {MAX_CANDIDATES} per call; split the list")
     store = store or feature_store.open_store(Settings.from_env())
     response = store.get_online_features(
-        features=store.get_feature_service(FEATURE_SERVICE),
+        features=_ranking_service(store),
         entity_rows=[{"user_id": user_id, "item_id": item_id} for item_id in item_ids],
     ).to_dict()
     candidates = [
@@ -57,6 +58,13 @@ def ranking_features(user_id: str, item_ids: list[str], store=None) -> RankingFe
         for row, item_id in enumerate(response["item_id"])
     ]
     return RankingFeatures(user_id, response["user_embedding"][0], response["history_length"][0], candidates)
+
+
+@functools.lru_cache(maxsize=16)
+def _ranking_service(store):
+    """The feature service object, resolved once per store: looking it up re-reads and
+    re-parses the registry, and a fresh registry read also empties Feast's request cache."""
+    return store.get_feature_service(FEATURE_SERVICE, allow_cache=True)
 
 
 def known_item_ids(settings: Settings) -> list[str]:

@@ -34,6 +34,7 @@ class CEGConfig:
     name: str = "all-minilm-l6-v2"  # names the export folder and the model version
     max_tokens: int = 256  # MiniLM was trained on 256-token inputs; longer text is truncated
     pooling: str = "mean"  # masked mean over the last hidden states, as in LEARN
+    gguf_file: str = ""  # a GGUF file inside model_path (e.g. a quantized causal LLM); loaded dequantized
 
     def resolved_model_path(self) -> Path:
         return Path(self.model_path) if self.model_path else default_model_path()
@@ -49,7 +50,9 @@ class FrozenContentEncoder(torch.nn.Module):
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.config = config
-        self.language_model = AutoModel.from_pretrained(config.resolved_model_path())
+        self.language_model = AutoModel.from_pretrained(
+            config.resolved_model_path(), gguf_file=config.gguf_file or None
+        )
         self.language_model.eval().requires_grad_(False)  # frozen: never trained
 
     @property
@@ -70,7 +73,7 @@ def load_tokenizer(config: CEGConfig):
     from transformers import AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer = AutoTokenizer.from_pretrained(config.resolved_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(config.resolved_model_path(), gguf_file=config.gguf_file or None)
     if tokenizer.pad_token is None:  # decoder-only models ship without one
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

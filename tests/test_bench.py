@@ -26,3 +26,16 @@ def test_bench_pipeline_reports_latency_per_rate_and_efficiency():
     assert [row["offered_per_s"] for row in summary["rates"]] == [50.0, "max"]
     assert all(row["arrived"] == row["items"] for row in summary["rates"])
     assert summary["efficiency"] > 0 and summary["p99_ms_at_50"] > 0
+
+
+def test_bench_lookup_compares_feast_and_http_with_raw_redis():
+    summary = run_bench("lookup", "--sizes", "1,100", "--repeats", "3")
+    paths = {(row["items"], row["path"]) for row in summary["results"]}
+    assert len(paths) == 6
+    assert summary["ratio_to_raw_p99_100"] > 0 and summary["http_ratio_to_raw_p99_100"] > 0
+
+
+def test_bench_actions_measures_action_to_user_vector_latency():
+    summary = run_bench("actions", "--rate", "20", "--seconds", "1", "--users", "10")
+    assert summary["row"]["updated"] == summary["row"]["actions"] == 20
+    assert summary["action_to_vector_p99_ms_at_20"] > 0

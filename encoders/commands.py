@@ -1,0 +1,138 @@
+"""Click commands of the LEARN model: `data fetch`, `train`, `evaluate`, `export-towers`.
+
+Registered on the `coldstart` group in coldstart/cli.py. Everything they fetch,
+cache or train goes under COLDSTART_DATA_DIR (default: data/, git-ignored);
+towers are exported to COLDSTART_ONNX_DIR/towers (default: onnx/towers/).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import click
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_CHOICE = click.Choice(["loo", "cold", "both"])
+CONFIG_HELP = "A named config of encoders/configs.py (default: its DEFAULT, learn-minilm)."
+
+
+def _config(name: str | None):
+    """The named config (imported here: torch loads only for commands that need it)."""
+    from encoders.configs import DEFAULT, get_config
+
+    try:
+        return get_config(name or DEFAULT)
+    except KeyError as unknown:
+        raise click.BadParameter(str(unknown), param_hint="--config")
+
+
+def _paths():
+    from coldstart.settings import Settings
+    from encoders.evaluate import Paths
+
+    return Paths(Settings.from_env().data_dir)
+
+
+@click.group()
+def data() -> None:
+    """Data sets for training and evaluation."""
+
+
+@data.command()
+def fetch() -> None:
+    """Fetch MovieLens-100K from the recbole==1.2.1 wheel (package index only), checksum-verified."""
+    from encoders.datasets import fetch_ml100k, load_ml100k
+
+    folder = fetch_ml100k(_paths().ml100k)
+    loaded = load_ml100k(folder)
+    click.echo(f"{loaded.name} in {folder}: {len(loaded.user_ids)} users, {loaded.num_items} items, "
+               f"{loaded.num_interactions} interactions")
+
+
+@click.command()
+@click.option("--config", "config_name", default=None, help=CONFIG_HELP)
+@click.option("--protocol", type=PROTOCOL_CHOICE, default="both", show_default=True,
+              help="Split to train on: 'loo' (all items) and/or 'cold' (20% of items held out).")
+def train(config_name: str, protocol: str) -> None:
+    """Train LEARN's towers with a named config; the best epoch is checkpointed under data/checkpoints/."""
+    from encoders.configs import encoder_config
+    from encoders.datasets import content_embeddings, make_split
+    from encoders.evaluate import load_dataset, trained_learn
+
+    paths = _paths()
+    config = _config(config_name)
+    loaded = load_dataset(paths)
+    content = content_embeddings(loaded.item_texts, encoder_config(config.encoder), paths.content_cache)
+    for name in ("loo", "cold") if protocol == "both" else (protocol,):
+        split = make_split(loaded, name, config.cold_fraction, config.seed)
+        run = trained_learn(config, loaded, split, content, paths, retrain=True)
+        best = run.history["epochs"][run.history["best_epoch"]]
+        click.echo(f"{config.name} [{name}]: best epoch {run.history['best_epoch']} valid ndcg@50 "
+                   f"{best['valid_ndcg@50']:.4f}, {run.history['train_seconds']:.0f} s on {run.history['device']}; "
+                   f"checkpoint in {paths.run_dir(loaded.name, config.name, name)}")
+
+
+@click.command()
+@click.option("--config", "config_name", default=None, help="The LEARN config reported as 'learn'. " + CONFIG_HELP)
+@click.option("--extra", "extras", multiple=True,
+              help="More LEARN configs to report as rows of their own (variants, ablations); repeatable.")
+@click.option("--sasrec/--no-sasrec", default=True, show_default=True,
+              help="Run RecBole's SASRec (in .venv-baselines; trained once per split, then cached).")
+@click.option("--retrain", is_flag=True, help="Train the LEARN configs again even if checkpoints exist.")
+@click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder for the PNG plots and results.json (default: data/eval/).")
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON object on the last line.")
+def evaluate(config_name: str, extras: tuple[str, ...], sasrec: bool, retrain: bool, plots_dir: Path | None,
+             as_json: bool) -> None:
+    """Score LEARN, SASRec, popularity and raw content on ML-100K: protocols loo and cold."""
+    from encoders.evaluate import evaluate as run_evaluation
+    from encoders.evaluate import format_table, plot
+
+    paths = _paths()
+    started = time.time()
+    config, extras = _config(config_name), [_config(name) for name in extras]
+    report = run_evaluation(paths, config.name, tuple(c.name for c in extras), with_sasrec=sasrec, retrain=retrain)
+    out_dir = plots_dir or paths.root / "eval"
+    written = plot(report, paths, out_dir)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1))
+    click.echo(format_table(report))
+    click.echo(f"plots: {', '.join(str(p) for p in written)}; {time.time() - started:.0f} s")
+    if as_json:
+        click.echo(json.dumps({"dataset": report["dataset"], "results": report["results"],
+                               "counts": report["counts"], "seconds": report["seconds"]}))
+
+
+@click.command("export-towers")
+@click.option("--config", "config_name", default=None, help=CONFIG_HELP)
+@click.option("--protocol", type=click.Choice(["loo", "cold"]), default="loo", show_default=True,
+              help="Which trained checkpoint to export ('loo' has trained on every item).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Export folder (default: COLDSTART_ONNX_DIR/towers).")
+def export_towers(config_name: str, protocol: str, out_dir: Path | None) -> None:
+    """Write the user and item towers to ONNX (+ towers.json) and check parity with torch."""
+    from coldstart.settings import Settings
+    from encoders.configs import encoder_config
+    from encoders.datasets import content_embeddings, make_split
+    from encoders.evaluate import load_dataset, trained_learn
+    from encoders.export_towers import check_parity
+    from encoders.export_towers import export_towers as export
+
+    paths = _paths()
+    config = _config(config_name)
+    loaded = load_dataset(paths)
+    content = content_embeddings(loaded.item_texts, encoder_config(config.encoder), paths.content_cache)
+    split = make_split(loaded, protocol, config.cold_fraction, config.seed)
+    run = trained_learn(config, loaded, split, content, paths)
+    out_dir = out_dir or Settings.from_env().onnx_dir / "towers"
+    export(run.model, out_dir, encoder_config(config.encoder).name, config.name, protocol)
+    worst = check_parity(run.model, out_dir, content)
+    click.echo(f"towers of {config.name} [{protocol}] exported to {out_dir}; parity with torch: min cosine {worst:.6f}")
+    if worst < 0.999:
+        raise click.ClickException(f"ONNX towers disagree with torch (min cosine {worst:.6f} < 0.999)")
+
+
+COMMANDS = [data, train, evaluate, export_towers]

