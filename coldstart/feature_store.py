@@ -173,6 +173,8 @@ def write_offline(source_path: str | Path, frame: pd.DataFrame, schema: pa.Schem
 
 def read_item_features(store, item_ids: list[str], features=("item_embedding", "model_version")) -> dict[str, dict]:
     """Online lookup: item_id → {feature: value} for the items that exist."""
+    if not item_ids:
+        return {}  # Feast fails on an empty entity list
     response = store.get_online_features(
         features=[f"item_embedding:{f}" for f in features],
         entity_rows=[{"item_id": i} for i in item_ids],

@@ -82,8 +82,7 @@ def check_outcomes(stack, sent: list[bytes]) -> dict[str, dict]:
     by_hash = {r["original_sha256"]: r for r in letters}
     for digest, reason in dead.items():
         assert by_hash[digest]["reason"] == reason
-    if readable:
-        wait_readable(stack.store, readable, timeout=60)
+    wait_readable(stack.store, readable, timeout=60)
     assert stack.worker.alive() and "Crashed" not in stack.worker.log_path.read_text(errors="replace")
     return by_hash
 
