@@ -455,6 +455,8 @@ def run_actions_bench(rate: float, seconds: float, users: int) -> dict:
     row = {"rate_per_s": rate, "actions": count, "updated": len(latencies), "p50_ms": pct(50), "p95_ms": pct(95),
            "p99_ms": pct(99), "drained": drained}
     return {"benchmark": "actions", "machine": machine(), "row": row, f"action_to_vector_p99_ms_at_{rate:g}": pct(99)}
+
+
 # ---- burst -----------------------------------------------------------------
 
 @bench.command()

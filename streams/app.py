@@ -78,6 +78,10 @@ app = ColdstartApp(
     # Backpressure: at most this many events wait in an agent's buffer; beyond it the
     # consumer stops fetching, so a burst waits in Kafka, not in the worker's memory.
     stream_buffer_maxsize=4 * settings.batch_size,
+    # Stop without waiting for every fetched event to be acknowledged: events still in a
+    # micro-batch buffer never will be, so faust would wait out its timeout and be killed.
+    # They are not committed, so the next worker gets them again (at-least-once).
+    stream_wait_empty=False,
     **_dev_options,
 )
 

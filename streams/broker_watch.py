@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
@@ -84,4 +85,7 @@ async def watch_broker() -> None:
         )
         for offline in offline_buffers:
             await offline.flush(force=True)
-        await app.crash(lost)
+        # Not faust's graceful stop: it would commit to, and can hang on, a broker that is not the
+        # one this worker was reading. Nothing else is worth saving.
+        logging.shutdown()
+        os._exit(1)

@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def test_http_read_path_refuses_oversized_malformed_and_write_requests(stack, pr
 
 
 def test_redis_auth_from_redis_url_reaches_feast(tmp_path):
-    with LocalRedis(password="s3cret-for-this-test") as server:
+    with LocalRedis(password=uuid.uuid4().hex) as server:
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=server.port).set("k", "v")
         settings = Settings.from_env(redis_url=server.url, data_dir=tmp_path, feast_project="auth_test")
@@ -99,14 +100,14 @@ def test_kafka_sasl_and_tls_settings_reach_the_worker_and_the_clients():
            "KAFKA_SASL_USERNAME": "svc-coldstart", "KAFKA_SASL_PASSWORD": "pw-from-env", "KAFKA_SSL_CAFILE": ""}
     probe = ("from streams.app import app; from coldstart.settings import Settings; import json; "
              "c = app.conf.broker_credentials; "
-             "print(json.dumps([c.username, c.password, str(c.mechanism), c.protocol.name, "
+             "print(json.dumps([c.username, c.password, c.mechanism.value, c.protocol.name, "
              "Settings.from_env().kafka_client_options()]))")
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120,
                             cwd=PROJECT_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     username, password, mechanism, protocol, client_options = json.loads(result.stdout.strip().splitlines()[-1])
     assert (username, password, protocol) == ("svc-coldstart", "pw-from-env", "SASL_SSL")
-    assert "SCRAM-SHA-512" in mechanism
+    assert mechanism == "SCRAM-SHA-512"
     assert client_options == {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
                               "sasl_plain_username": "svc-coldstart", "sasl_plain_password": "pw-from-env"}
 
@@ -122,7 +123,7 @@ def test_docker_compose_binds_every_published_port_to_localhost():
 SECRET_PATTERNS = {
     "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
     "AWS access key id": re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
-    "password in a URL": re.compile(r"[a-z]+://[^/\s:@'\"]*:(?!PASSWORD@|secret@|\$\{?)[^@\s/'\"]+@"),
+    "password in a URL": re.compile(r"[a-z]+://[^/\s:@'\"]*:(?!(?:PASSWORD|password|secret)@|[{$])[^@\s/'\"]+@"),
     "assigned credential": re.compile(r"(?i)\b(password|secret|token)\s*[=:]\s*['\"][A-Za-z0-9+/_\-]{16,}['\"]"),
 }
 
