@@ -199,7 +199,7 @@ def test_events_unwritten_during_an_outage_are_not_committed(stack, producer, ow
         on_broker = read_topic(stack.settings, "item-uploads", until=lambda records: True)
         raise AssertionError(f"{missing}; (partition, offset) sent: {positions}; committed before the kill "
                              f"{committed}, now {committed_offsets(stack.settings)}; the broker returns "
-                             f"{sum(r.get("item_id") in positions for r in on_broker)} of them "
+                             f"{sum(r.get('item_id') in positions for r in on_broker)} of them "
                              f"to a plain consumer; log {stack.worker.log_path}")
 
 
