@@ -178,22 +178,29 @@ def committed_offsets(settings) -> dict[int, int]:
 def test_events_unwritten_during_an_outage_are_not_committed(stack, producer, own_redis):
     start = log_size(stack.worker)
     with redis_stopped(own_redis):
-        first_unwritten: dict[int, int] = {}
-        ids = []
+        positions: dict[str, tuple[int, int]] = {}
         for _ in range(10):
-            ids.append(unique_id("uncommitted"))
-            sent = producer.send("item-uploads", key=ids[-1].encode(),
-                                 value=json.dumps(item_event({"item_id": ids[-1], "title": "Unwritten"})).encode())
+            item_id = unique_id("uncommitted")
+            sent = producer.send("item-uploads", key=item_id.encode(),
+                                 value=json.dumps(item_event({"item_id": item_id, "title": "Unwritten"})).encode())
             metadata = sent.get(timeout=30)
-            first_unwritten.setdefault(metadata.partition, metadata.offset)
+            positions[item_id] = (metadata.partition, metadata.offset)
         wait_for_log(stack.worker, start, "online write failed")
         time.sleep(3)  # three commit intervals pass while the writes fail
         committed = committed_offsets(stack.settings)
         stack.worker.kill()
+    first_unwritten = {p: min(o for q, o in positions.values() if q == p) for p, _ in positions.values()}
     assert all(committed.get(p, 0) <= offset for p, offset in first_unwritten.items()), (committed, first_unwritten)
     # And so a new worker gets them again.
     stack.worker = WorkerProcess(stack.settings).start()
-    wait_readable(stack.store, ids, timeout=120)
+    try:
+        wait_readable(stack.store, list(positions), timeout=120)
+    except AssertionError as missing:
+        on_broker = read_topic(stack.settings, "item-uploads", until=lambda records: True)
+        raise AssertionError(f"{missing}; (partition, offset) sent: {positions}; committed before the kill "
+                             f"{committed}, now {committed_offsets(stack.settings)}; the broker returns "
+                             f"{sum(r.get('item_id') in positions for r in on_broker)} of them "
+                             f"to a plain consumer; log {stack.worker.log_path}")
 
 
 # ---- 3. broker restarts ------------------------------------------------------
