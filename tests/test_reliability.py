@@ -20,17 +20,10 @@ from coldstart.feature_store import read_item_features
 from coldstart.ranking import known_item_ids
 from coldstart.services import EmbeddedBroker, create_topics
 from coldstart.stack import LocalStack, WorkerProcess, item_event, new_producer, send_action
-from tests.conftest import read_topic, restart_worker, unique_id, upload, upload_batch, wait_readable
+from tests.conftest import KNOWN_REDELIVERY_STALL, read_topic, restart_worker, unique_id, upload, upload_batch, wait_readable
 from tests.test_users import user_vector
 
 pytestmark = pytest.mark.reliability
-
-# Known, intermittent (README "Guarantees", open issue): a worker started right after a SIGKILL
-# sometimes never consumes some partitions on the embedded broker. Non-strict: a pass shows as XPASS.
-KNOWN_REDELIVERY_STALL = pytest.mark.xfail(
-    strict=False, reason="open issue: post-SIGKILL worker may not consume some partitions on tansu (README)"
-)
-
 
 def wait_until(condition, timeout: float, what: str, poll: float = 0.2):
     deadline = time.monotonic() + timeout
