@@ -174,6 +174,9 @@ def test_http_feature_server_answers_a_ranking_lookup(stack, producer, catalogue
         names = response["metadata"]["feature_names"]
         affinity = response["results"][names.index("affinity")]["values"]
         assert len(affinity) == 3 and all(isinstance(a, float) for a in affinity)
+        # the Python API computes the affinity itself (numpy); it must agree with the on-demand view
+        sdk = ranking_features(user_id, [i["item_id"] for i in catalogue[:3]], stack.store)
+        assert [c.affinity for c in sdk.candidates] == pytest.approx(affinity, abs=1e-5)
     finally:
         server.terminate()
         server.wait(timeout=30)
