@@ -27,9 +27,44 @@ class _ShortFetchWaitThread(aiokafka_driver.AIOKafkaConsumerThread):
         return consumer
 
 
-class _ShortFetchWaitConsumer(aiokafka_driver.Consumer):
+class _SeekSafeConsumer(aiokafka_driver.Consumer):
+    """faust's consumer, with a seek after a rebalance that cannot lose events.
+
+    faust 0.15.3 finishes table recovery (tables/recovery.py, on_recovery_completed) by
+    resuming the stream partitions, seeking them to their committed offsets and then
+    resuming flow control, which clears every stream buffer (clear_on_resume). Recovery
+    had already resumed the consumer's flow to read the changelog and never stopped it,
+    so while the seek is awaited the fetcher keeps delivering stream events into those
+    buffers; the clear then throws them away, although the consumer's position is past
+    them. They are never processed nor acknowledged: the partition's commit stays stuck
+    on them, and a partition with no committed offset yet (aiokafka's seek_to_committed
+    leaves it where it is) never sees them again. A worker started after a crash, with
+    a backlog and a non-empty changelog, hit this (README, "Guarantees").
+
+    So: stop the consumer's flow before seeking (faust resumes it right after the
+    buffers are cleared, so nothing is delivered in between), and seek partitions
+    without a committed offset to their beginning (auto_offset_reset=earliest) rather
+    than leave them past events that were thrown away. Events handed over before the
+    seek come again: a replay, which the sinks write idempotently.
+    """
+
+    async def perform_seek(self) -> None:
+        self.stop_flow()
+        await super().perform_seek()
+        uncommitted = [tp for tp in self.assignment()
+                       if not self._is_changelog_tp(tp) and not self._committed_offset.get(tp)]
+        if uncommitted:
+            earliest = await self.earliest_offsets(*uncommitted)
+            await self.seek_wait({tp: earliest.get(tp) or 0 for tp in uncommitted})
+
+
+class _ShortFetchWaitConsumer(_SeekSafeConsumer):
     def _new_consumer_thread(self):
         return _ShortFetchWaitThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _Transport(aiokafka_driver.Transport):
+    Consumer = _SeekSafeConsumer
 
 
 class _DevTransport(aiokafka_driver.Transport):
@@ -38,9 +73,7 @@ class _DevTransport(aiokafka_driver.Transport):
 
 class ColdstartApp(faust.App):
     def _new_transport(self):
-        if settings.dev:
-            return _DevTransport(self.conf.broker_consumer, self)
-        return super()._new_transport()
+        return (_DevTransport if settings.dev else _Transport)(self.conf.broker_consumer, self)
 
 
 def _broker_credentials():

@@ -24,13 +24,6 @@ from coldstart.settings import Settings  # noqa: E402
 from coldstart.stack import LocalStack, WorkerProcess, item_event, new_producer, send_item  # noqa: E402
 
 
-# Known, intermittent (README "Guarantees", open issue): a worker started right after a restart
-# sometimes never consumes some partitions on the embedded broker. Non-strict: a pass shows as XPASS.
-KNOWN_REDELIVERY_STALL = pytest.mark.xfail(
-    strict=False, reason="open issue: a restarted worker may not consume some partitions on tansu (README)"
-)
-
-
 @pytest.fixture(scope="session")
 def redis_server():
     """A redis-server of the tests' own on a free port; None if there is no redis-server to start."""

@@ -20,7 +20,7 @@ from coldstart.feature_store import read_item_features
 from coldstart.ranking import known_item_ids
 from coldstart.services import EmbeddedBroker, create_topics
 from coldstart.stack import LocalStack, WorkerProcess, item_event, new_producer, send_action
-from tests.conftest import KNOWN_REDELIVERY_STALL, read_topic, restart_worker, unique_id, upload, upload_batch, wait_readable
+from tests.conftest import read_topic, restart_worker, unique_id, upload, upload_batch, wait_readable
 from tests.test_users import user_vector
 
 pytestmark = pytest.mark.reliability
@@ -77,7 +77,6 @@ def test_worker_killed_mid_batch_loses_nothing(stack, producer):
     wait_offline(stack, everything)
 
 
-@KNOWN_REDELIVERY_STALL
 def test_user_histories_survive_a_worker_crash(stack, producer):
     items = [{"item_id": unique_id("crash-item"), "title": title} for title in
              ("Sourdough at home", "Knife skills", "The pasta book", "Fermentation", "Braising", "Spice blends",
@@ -175,7 +174,6 @@ def committed_offsets(settings) -> dict[int, int]:
     return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == "item-uploads"}
 
 
-@KNOWN_REDELIVERY_STALL
 def test_events_unwritten_during_an_outage_are_not_committed(stack, producer, own_redis):
     start = log_size(stack.worker)
     with redis_stopped(own_redis):

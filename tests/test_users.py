@@ -13,7 +13,7 @@ from coldstart.demo import load_catalogue
 from coldstart.ranking import UnknownUser, ranking_features, recommend
 from coldstart.services import free_port
 from coldstart.stack import WorkerProcess, send_action
-from tests.conftest import KNOWN_REDELIVERY_STALL, read_topic, unique_id, upload, wait_readable
+from tests.conftest import read_topic, unique_id, upload, wait_readable
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,6 @@ def test_skips_do_not_enter_the_history(stack, producer, catalogue):
     assert user_vector(stack, user_id, min_history=3)["history_length"] == 3
 
 
-@KNOWN_REDELIVERY_STALL
 def test_history_survives_a_worker_restart(stack, producer, catalogue):
     user_id = unique_id("restarted")
     act(producer, user_id, catalogue[:3])
