@@ -75,6 +75,11 @@ CONFIGS: dict[str, TrainConfig] = {
             _BASE, name="learn-minilm-pchitem", model=replace(_BASE.model, item_tower="pch"),
             command="coldstart train --config learn-minilm-pchitem",
         ),
+        # Fast towers for tests and demos (not a reported result): 3 epochs, the best kept.
+        replace(
+            _BASE, name="learn-minilm-smoke", max_epochs=3, patience=3, date="2026-12-01",
+            command="coldstart train --config learn-minilm-smoke --protocol loo",
+        ),
         # Named variant (not LEARN): a learned ID residual for warm items; cold items stay content-only.
         replace(
             _BASE, name="learn-id-minilm", model=replace(_BASE.model, id_residual=True),

@@ -29,15 +29,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torch.nn as nn
 
 from encoders.model import LEARN
+from encoders.tower_runtime import ITEM_ONNX, METADATA, USER_ONNX, OnnxTowers
 
 log = logging.getLogger(__name__)
-
-USER_ONNX, ITEM_ONNX, METADATA = "user_tower.onnx", "item_tower.onnx", "towers.json"
 
 
 class UserTowerGraph(nn.Module):
@@ -95,41 +93,22 @@ def export_towers(model: LEARN, out_dir: Path, encoder: str, config_name: str, p
     return out_dir
 
 
-class OnnxTowers:
-    """The exported towers under ONNX Runtime (CPU, or CUDA when onnxruntime-gpu has it)."""
-
-    def __init__(self, export_dir: Path):
-        from encoders.runtime import pick_providers
-
-        export_dir = Path(export_dir)
-        self.metadata = json.loads((export_dir / METADATA).read_text())
-        self.max_history: int = self.metadata["max_history"]
-        self.user = ort.InferenceSession(str(export_dir / USER_ONNX), providers=pick_providers())
-        self.item = ort.InferenceSession(str(export_dir / ITEM_ONNX), providers=pick_providers())
-
-    def user_embeddings(self, history: np.ndarray, history_mask: np.ndarray) -> np.ndarray:
-        feeds = {"history": history.astype(np.float32), "history_mask": history_mask.astype(np.int64)}
-        return self.user.run(["user_embedding"], feeds)[0]
-
-    def item_embeddings(self, content: np.ndarray) -> np.ndarray:
-        return self.item.run(["item_embedding"], {"content_embedding": content.astype(np.float32)})[0]
-
-
 @torch.no_grad()
 def check_parity(model: LEARN, export_dir: Path, content: np.ndarray, seed: int = 0) -> float:
-    """Minimum cosine between ONNX Runtime and torch over real content rows and ragged histories."""
+    """Minimum cosine between torch and the towers as the workers load them (encoders.tower_runtime),
+    over real content rows and ragged histories."""
     model = model.cpu().eval()
-    towers = OnnxTowers(export_dir)
+    towers = OnnxTowers(Path(export_dir))
     rng = np.random.default_rng(seed)
     n = towers.max_history
     histories = rng.integers(0, len(content), size=(16, n))
     lengths = rng.integers(1, n + 1, size=16)
     lengths[:2] = (1, n)
-    mask = (np.arange(n)[None, :] < lengths[:, None]).astype(np.int64)  # (16, N) right-padded
-    torch_users = model.last_user_vector(torch.from_numpy(np.where(mask == 1, histories, -1))).numpy()
-    onnx_users = towers.user_embeddings(content[histories] * mask[..., None], mask)
+    mask = np.arange(n)[None, :] < lengths[:, None]  # (16, N) right-padded
+    torch_users = model.last_user_vector(torch.from_numpy(np.where(mask, histories, -1))).numpy()
+    onnx_users = towers.user_vectors([content[h[:length]] for h, length in zip(histories, lengths)])
     items = rng.integers(0, len(content), size=64)
     torch_items = model.item_vectors(torch.from_numpy(items)).numpy()
-    onnx_items = towers.item_embeddings(content[items])
+    onnx_items = towers.item_vectors(content[items])
     cosines = np.concatenate([(torch_users * onnx_users).sum(1), (torch_items * onnx_items).sum(1)])
     return float(cosines.min())

@@ -21,6 +21,7 @@ from encoders.runtime import pick_providers
 log = logging.getLogger(__name__)
 
 TOWERS_DIR_NAME = "towers"
+USER_ONNX, ITEM_ONNX, METADATA = "user_tower.onnx", "item_tower.onnx", "towers.json"  # written by export_towers
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -41,16 +42,17 @@ class ContentTowers:
 
 
 class OnnxTowers:
-    """Trained PCH towers. User tower input: history (B, N, D) oldest first, right-padded, with a mask."""
+    """Trained PCH towers exported by encoders.export_towers (the interface is described there).
+    User tower input: history (B, N, D) oldest first, right-padded, with a mask."""
 
     def __init__(self, towers_dir: Path):
-        self.metadata = json.loads((towers_dir / "towers.json").read_text())
+        self.metadata = json.loads((towers_dir / METADATA).read_text())
         self.version: str = self.metadata["version"]
         self.max_history: int = self.metadata["max_history"]
         self.content_dim: int = self.metadata["content_dim"]
         providers = pick_providers()
-        self.item_session = ort.InferenceSession(str(towers_dir / "item_tower.onnx"), providers=providers)
-        self.user_session = ort.InferenceSession(str(towers_dir / "user_tower.onnx"), providers=providers)
+        self.item_session = ort.InferenceSession(str(towers_dir / ITEM_ONNX), providers=providers)
+        self.user_session = ort.InferenceSession(str(towers_dir / USER_ONNX), providers=providers)
 
     def item_vectors(self, content: np.ndarray) -> np.ndarray:
         (vectors,) = self.item_session.run(["item_embedding"], {"content_embedding": content.astype(np.float32)})
@@ -69,7 +71,7 @@ class OnnxTowers:
 
 def load_towers(onnx_dir: Path, encoder_name: str):
     towers_dir = Path(onnx_dir) / TOWERS_DIR_NAME
-    if (towers_dir / "towers.json").exists():
+    if (towers_dir / METADATA).exists():
         towers = OnnxTowers(towers_dir)
         trained_on = towers.metadata.get("encoder")
         if trained_on != encoder_name:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from encoders.export_towers import OnnxTowers, check_parity, export_towers
+from encoders.export_towers import check_parity, export_towers
 from encoders.model import LEARN, LEARNConfig
+from encoders.tower_runtime import OnnxTowers
 from tests.learn_fixtures import ml100k, ml100k_small  # noqa: F401  (fixtures)
 
 
@@ -27,10 +28,10 @@ def test_tower_onnx_parity(ml100k_small, tmp_path, item_tower):
     history = content[np.arange(12)][None].repeat(2, axis=0)  # (2, 12, 384)
     mask = np.zeros((2, 12), dtype=np.int64)
     mask[:, :5] = 1
-    history[1, 5:] = 7.0  # garbage in the padding must not matter
-    users = towers.user_embeddings(history, mask)
+    history[1, 5:] = 7.0  # garbage in the padding must not matter to the exported graph
+    (users,) = towers.user_session.run(["user_embedding"], {"history": history, "history_mask": mask})
     assert users.shape == (2, 64) and np.allclose(users[0], users[1], atol=1e-5)
     with torch.no_grad():
         want = model.last_user_vector(torch.tensor([list(range(5)) + [-1] * 7])).numpy()
     assert float((users[0] * want[0]).sum()) >= 0.999
-    assert towers.item_embeddings(content[:1]).shape == (1, 64)  # batch size 1 works too
+    assert towers.item_vectors(content[:1]).shape == (1, 64)  # batch size 1 works too
