@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -85,14 +85,21 @@ class LearnRun:
 
 def trained_learn(config: TrainConfig, data: Interactions, split: Split, content: np.ndarray,
                   paths: Paths, retrain: bool = False) -> LearnRun:
-    """The checkpoint of this config on this split, training it first if there is none."""
+    """The checkpoint of this config on this split, training it first if there is none
+    or if it was trained with other settings (a config's numbers changed since)."""
     run_dir = paths.run_dir(data.name, config.name, split.protocol)
-    if retrain or not (run_dir / HISTORY).exists():
+    history = json.loads((run_dir / HISTORY).read_text()) if (run_dir / HISTORY).exists() else None
+    current = json.loads(json.dumps(asdict(config)))  # as history.json stores it
+    stale = history is not None and history.get("settings") != current
+    if stale:
+        log.warning("the checkpoint of %s [%s] was trained with other settings: training again",
+                    config.name, split.protocol)
+    if retrain or history is None or stale:
         log.info("training %s on %s [%s]", config.name, data.name, split.protocol)
         model, history = train(config, split, content, out_dir=run_dir)
         return LearnRun(config, split.protocol, model, history)
     model = load_checkpoint(run_dir / CHECKPOINT, content).to(pick_device())
-    return LearnRun(config, split.protocol, model, json.loads((run_dir / HISTORY).read_text()))
+    return LearnRun(config, split.protocol, model, history)
 
 
 def slices_of(split: Split, targets: np.ndarray) -> dict[str, np.ndarray]:

@@ -114,8 +114,8 @@ def train(
     assert content.shape[1] == model_config.content_dim, "config.model.content_dim must match the encoder"
     model = LEARN(model_config, torch.from_numpy(content)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    history = {"config": config.name, "protocol": split.protocol, "device": str(device),
-               "step_loss": [], "epochs": []}
+    history = {"config": config.name, "settings": asdict(config), "protocol": split.protocol,
+               "device": str(device), "step_loss": [], "epochs": []}
     best, best_state, stale, step, started = -1.0, None, 0, 0, time.time()
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

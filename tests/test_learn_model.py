@@ -9,6 +9,7 @@ import torch
 
 from encoders.configs import get_config
 from encoders.datasets import make_split
+from encoders.evaluate import Paths, trained_learn
 from encoders.model import LEARN, LEARNConfig, dense_all_action_loss
 from encoders.train import train, window_batches
 from tests.learn_fixtures import ml100k, ml100k_small  # noqa: F401  (fixtures)
@@ -101,3 +102,17 @@ def test_shared_input_reads_item_tower_embeddings():
         by_content = model.history_vectors(model.content[history.clamp(min=0)], history >= 0)
     assert model.user_tower.input.in_features == model.config.out_dim
     assert torch.allclose(by_index[:, :3], by_content[:, :3], atol=1e-6)
+
+
+def test_a_checkpoint_is_reused_only_while_its_config_is_unchanged(ml100k_small, tmp_path):
+    data, content = ml100k_small
+    config = replace(small_config(), max_epochs=1)
+    split = make_split(data, "loo")
+    paths = Paths(tmp_path)
+    first = trained_learn(config, data, split, content, paths)
+    reused = trained_learn(config, data, split, content, paths)
+    assert reused.history["train_seconds"] == first.history["train_seconds"]  # loaded, not trained again
+    changed = replace(config, lr=config.lr * 3)  # same name, other numbers: the checkpoint is stale
+    retrained = trained_learn(changed, data, split, content, paths)
+    assert retrained.history["settings"]["lr"] == changed.lr
+    assert retrained.history["train_seconds"] != first.history["train_seconds"]
