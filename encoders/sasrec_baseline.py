@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 VENV = PROJECT_ROOT / ".venv-baselines"
 RUNNER = Path(__file__).with_name("sasrec_runner.py")
-JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")  # optional: about 2x faster epochs
+JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")  # optional: faster epochs
 MAX_LENGTH = 50  # RecBole's MAX_ITEM_LIST_LENGTH default, as in its SASRec runs
 
 # RecBole's SASRec defaults (sasrec.yaml) and trainer defaults, with our evaluation settings.
@@ -137,6 +137,9 @@ def sasrec_scores(data: Interactions, split: Split, cache_dir: Path) -> tuple[np
             env = dict(os.environ, PYTHONPATH="")
             if JEMALLOC.exists():
                 env["LD_PRELOAD"] = str(JEMALLOC)
+                # Never hand freed pages back to the kernel: with jemalloc's default decay the
+                # runner spent more time in page faults (kernel) than in training (2026-12-01).
+                env.setdefault("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1")
             log.info("training RecBole SASRec [%s] in %s (log: %s)", split.protocol, VENV, workdir / "run.log")
             started = time.time()
             with open(workdir / "run.log", "w") as out:
