@@ -232,7 +232,7 @@ def plot_pipeline(summary: dict) -> Path:
 
 # ---- lookup ----------------------------------------------------------------
 
-SDK_PATH = "feast-sdk (ranking_features, numpy affinity)"  # the Python read path of coldstart.ranking
+SDK_PATH = "feast-sdk (ranking_features: online_read, numpy affinity)"  # the Python read path of coldstart.ranking
 HTTP_PATH = "feast-http (ranking_v1 + affinity)"
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+from feast.protos.feast.types.Value_pb2 import Value
 
 from coldstart import feature_store
 from coldstart.settings import Settings
@@ -53,13 +55,18 @@ def ranking_features(user_id: str, item_ids: list[str], store=None) -> RankingFe
     if len(item_ids) > MAX_CANDIDATES:
         raise ValueError(f"{len(item_ids)} candidates is more than {MAX_CANDIDATES} per call; split the list")
     store = store or feature_store.open_store(Settings.from_env())
-    response = store.get_online_features(
-        features=list(_stored_features(store)), entity_rows={"user_id": [user_id] * len(item_ids), "item_id": item_ids}
-    ).proto
-    columns = dict(zip(response.metadata.feature_names.val, response.results))
-    user_vector = _vector(columns["user_embedding"].values[0])
-    item_vectors = [_vector(value) for value in columns["item_embedding"].values]
-    titles = [_scalar(value) for value in columns["title"].values]
+    columns = {}
+    for view, join_key, features in _stored_views(store):
+        keys = [user_id] if join_key == "user_id" else item_ids
+        rows = store._get_provider().online_read(
+            config=store.config, table=view, requested_features=list(features),
+            entity_keys=[EntityKey(join_keys=[join_key], entity_values=[Value(string_val=key)]) for key in keys],
+        )
+        for feature in features:
+            columns[feature] = [values[feature] if values else Value() for _, values in rows]
+    user_vector = _vector(columns["user_embedding"][0])
+    item_vectors = [_vector(value) for value in columns["item_embedding"]]
+    titles = [_scalar(value) for value in columns["title"]]
     known = [row for row, vector in enumerate(item_vectors) if vector is not None]
     affinities: list[float | None] = [None] * len(item_ids)
     if user_vector is not None and known:
@@ -70,27 +77,29 @@ def ranking_features(user_id: str, item_ids: list[str], store=None) -> RankingFe
         CandidateFeatures(item_id, item_vectors[row], titles[row], affinities[row])
         for row, item_id in enumerate(item_ids)
     ]
-    return RankingFeatures(user_id, user_vector, _scalar(columns["history_length"].values[0]), candidates)
+    return RankingFeatures(user_id, user_vector, _scalar(columns["history_length"][0]), candidates)
 
 
 @functools.lru_cache(maxsize=16)
-def _stored_features(store) -> tuple[str, ...]:
-    """ranking_v1's stored features as "view:feature" references, resolved once per store.
+def _stored_views(store) -> tuple[tuple[object, str, tuple[str, ...]], ...]:
+    """ranking_v1's stored feature views as (view, join key, feature names), resolved once per store.
 
-    Without its on-demand affinity view: Feast's python-mode transform turns every
-    float of every vector into a Python object first, which doubled the lookup
-    (BENCHMARKS.md, lookup); numpy computes the same cosine from the raw values.
-    Resolving the service once also matters: a lookup re-reads the registry, and a
-    fresh registry read empties Feast's request cache.
+    The read goes to Feast's online store (`online_read`, one pipelined Redis
+    round trip per view) rather than through `get_online_features`, whose
+    per-entity Python work (request context, response protos) made a lookup of
+    1 user + 100 items 3.6x a raw Redis read (BENCHMARKS.md, lookup). The
+    on-demand affinity view is left out: numpy computes the same cosine from
+    the raw vectors, and the HTTP server serves the view itself.
     """
     service = store.get_feature_service(FEATURE_SERVICE, allow_cache=True)
     on_demand = {view.name for view in store.list_on_demand_feature_views(allow_cache=True)}
-    return tuple(
-        f"{projection.name_to_use()}:{feature.name}"
-        for projection in service.feature_view_projections
-        if projection.name not in on_demand
-        for feature in projection.features
-    )
+    views = []
+    for projection in service.feature_view_projections:
+        if projection.name in on_demand:
+            continue
+        view = store.get_feature_view(projection.name, allow_registry_cache=True)
+        views.append((view, view.entity_columns[0].name, tuple(feature.name for feature in projection.features)))
+    return tuple(views)
 
 
 def _vector(value) -> np.ndarray | None:
