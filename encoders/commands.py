@@ -80,13 +80,14 @@ def train(config_name: str, protocol: str) -> None:
 @click.option("--config", "config_name", default=None, help="The LEARN config reported as 'learn'. " + CONFIG_HELP)
 @click.option("--extra", "extras", multiple=True,
               help="More LEARN configs to report as rows of their own (variants, ablations); repeatable.")
-@click.option("--sasrec/--no-sasrec", default=True, show_default=True,
-              help="Run RecBole's SASRec (in .venv-baselines; trained once per split, then cached).")
+@click.option("--sasrec", type=click.Choice(["train", "cached", "off"]), default="train", show_default=True,
+              help="RecBole's SASRec (in .venv-baselines): 'train' where no cached result exists "
+                   "(about an hour per split on 2 cores), 'cached' only splits already trained, 'off'.")
 @click.option("--retrain", is_flag=True, help="Train the LEARN configs again even if checkpoints exist.")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Folder for the PNG plots and results.json (default: data/eval/).")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON object on the last line.")
-def evaluate(config_name: str, extras: tuple[str, ...], sasrec: bool, retrain: bool, plots_dir: Path | None,
+def evaluate(config_name: str, extras: tuple[str, ...], sasrec: str, retrain: bool, plots_dir: Path | None,
              as_json: bool) -> None:
     """Score LEARN, SASRec, popularity and raw content on ML-100K: protocols loo and cold."""
     from encoders.evaluate import evaluate as run_evaluation
@@ -95,7 +96,7 @@ def evaluate(config_name: str, extras: tuple[str, ...], sasrec: bool, retrain: b
     paths = _paths()
     started = time.time()
     config, extras = _config(config_name), [_config(name) for name in extras]
-    report = run_evaluation(paths, config.name, tuple(c.name for c in extras), with_sasrec=sasrec, retrain=retrain)
+    report = run_evaluation(paths, config.name, tuple(c.name for c in extras), sasrec=sasrec, retrain=retrain)
     out_dir = plots_dir or paths.root / "eval"
     written = plot(report, paths, out_dir)
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))

@@ -111,7 +111,7 @@ def slices_of(split: Split, targets: np.ndarray) -> dict[str, np.ndarray]:
 
 def evaluate(
     paths: Paths, config_name: str = DEFAULT, extra_configs: tuple[str, ...] = (),
-    with_sasrec: bool = True, retrain: bool = False,
+    sasrec: str = "train", retrain: bool = False,
 ) -> dict:
     """Run every model on both protocols; returns the JSON-able report."""
     started = time.time()
@@ -151,13 +151,13 @@ def evaluate(
             }
         record("pop", popularity_scores(split, users))
         record("content", content_scores(contents[configs[0].encoder], histories))
-        if with_sasrec:
+        if sasrec != "off":
             from encoders.sasrec_baseline import sasrec_scores
 
             t = time.time()
             try:
-                scores, facts = sasrec_scores(data, split, paths.sasrec_cache)
-            except (RuntimeError, OSError) as failure:  # the baselines venv could not be made or run
+                scores, facts = sasrec_scores(data, split, paths.sasrec_cache, train=sasrec == "train")
+            except (RuntimeError, OSError) as failure:  # not cached, or the baselines venv could not be made or run
                 log.error("SASRec baseline [%s] could not run: %s", protocol, failure)
                 report["sasrec"][protocol] = {"error": str(failure)}
             else:

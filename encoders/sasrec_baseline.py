@@ -117,11 +117,12 @@ def cache_key(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def sasrec_scores(data: Interactions, split: Split, cache_dir: Path) -> tuple[np.ndarray, dict]:
+def sasrec_scores(data: Interactions, split: Split, cache_dir: Path, train: bool = True) -> tuple[np.ndarray, dict]:
     """(U, I) SASRec scores for every user with a test target (other rows NaN), and run facts.
 
     Trains with RecBole in the baselines venv unless a cached result for the
-    same files, settings and runner exists.
+    same files, settings and runner exists; with train=False a missing result
+    raises FileNotFoundError.
     """
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "sasrec"
@@ -129,6 +130,8 @@ def sasrec_scores(data: Interactions, split: Split, cache_dir: Path) -> tuple[np
         key = cache_key(staging)
         workdir = Path(cache_dir).resolve() / f"{data.name}-{split.protocol}-{key}"
         if not (workdir / "result.json").exists():
+            if not train:
+                raise FileNotFoundError(f"no cached SASRec result for [{split.protocol}] in {workdir}")
             python = ensure_venv()
             shutil.rmtree(workdir, ignore_errors=True)
             shutil.copytree(staging, workdir / "sasrec")

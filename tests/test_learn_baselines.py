@@ -1,10 +1,11 @@
 """Baselines on the shared split: RecBole's input files for SASRec, popularity, raw content."""
 
 import numpy as np
+import pytest
 
 from encoders.datasets import make_split
 from encoders.evaluate import content_scores, popularity_scores, slices_of
-from encoders.sasrec_baseline import MAX_LENGTH, write_benchmark
+from encoders.sasrec_baseline import MAX_LENGTH, sasrec_scores, write_benchmark
 from tests.learn_fixtures import ml100k  # noqa: F401  (fixture)
 
 
@@ -58,3 +59,9 @@ def test_cold_slices_partition_the_test_users(ml100k):
     slices = slices_of(split, targets)
     assert slices["cold_overall"].sum() == slices["cold_cold"].sum() + slices["cold_warm"].sum() == len(targets)
     assert set(slices_of(make_split(ml100k, "loo"), targets)) == {"loo"}
+
+
+def test_sasrec_cached_only_says_which_split_has_no_result(ml100k, tmp_path):
+    split = make_split(ml100k, "cold", seed=0)
+    with pytest.raises(FileNotFoundError, match=r"no cached SASRec result for \[cold\]"):
+        sasrec_scores(ml100k, split, tmp_path, train=False)
