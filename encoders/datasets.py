@@ -96,7 +96,8 @@ def ml100k_films(folder: Path) -> list[dict]:
     items.columns = [c.split(":")[0] for c in items.columns]  # "movie_title:token_seq" → "movie_title"
     return [
         {"item_id": item_id, "title": f"{title} ({year})" if year else title, "category": ", ".join(genres.split())}
-        for item_id, title, year, genres in zip(items["item_id"], items["movie_title"], items["release_year"], items["class"])
+        for item_id, title, year, genres
+        in zip(items["item_id"], items["movie_title"], items["release_year"], items["class"])
     ]
 
 
@@ -108,7 +109,8 @@ def load_ml100k(folder: Path) -> Interactions:
     inter = pd.read_csv(folder / "ml-100k.inter", sep="\t", dtype=str)
     inter.columns = [c.split(":")[0] for c in inter.columns]
     inter["timestamp"] = inter["timestamp"].astype(float)
-    return _build("ml-100k", [film["item_id"] for film in films], texts, inter["user_id"], inter["item_id"], inter["timestamp"])
+    item_ids = [film["item_id"] for film in films]
+    return _build("ml-100k", item_ids, texts, inter["user_id"], inter["item_id"], inter["timestamp"])
 
 
 def _build(name, item_ids, item_texts, users, items, times) -> Interactions:
