@@ -24,6 +24,11 @@ from coldstart.settings import Settings  # noqa: E402
 from coldstart.stack import LocalStack, WorkerProcess, item_event, new_producer, send_item  # noqa: E402
 
 
+# Where `coldstart data fetch` and `coldstart export-towers` keep data sets and checkpoints; read at import,
+# before the stack fixture points COLDSTART_DATA_DIR at a temporary folder of its own.
+PROJECT_DATA_DIR = Settings.from_env().data_dir
+
+
 @pytest.fixture(scope="session")
 def redis_server():
     """A redis-server of the tests' own on a free port; None if there is no redis-server to start."""

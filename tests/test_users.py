@@ -16,15 +16,13 @@ import pytest
 
 from coldstart.ranking import UnknownUser, ranking_features, recommend
 from coldstart.services import free_port
-from coldstart.settings import Settings
 from coldstart.stack import WorkerProcess, send_action
 from encoders.datasets import fetch_ml100k, ml100k_films
 from encoders.evaluate import Paths
 from encoders.tower_runtime import METADATA, TOWERS_DIR_NAME
-from tests.conftest import read_topic, unique_id, upload, wait_readable
+from tests.conftest import PROJECT_DATA_DIR, read_topic, unique_id, upload, wait_readable
 
-# Read at import, before the stack fixture points COLDSTART_DATA_DIR at its temporary folder.
-ML100K = Paths(Settings.from_env().data_dir).ml100k
+ML100K = Paths(PROJECT_DATA_DIR).ml100k
 GENRES = ("Children's", "Horror", "Documentary")
 FILMS_PER_GENRE = 14
 
@@ -85,14 +83,14 @@ def ranking(stack, user_id: str, candidates: list[str]) -> list[str]:
 
 
 def test_workers_serve_the_trained_towers(stack, producer, films, towers):
-    user_id = unique_id("versioned")
-    act(producer, user_id, films["Horror"][:1])
+    user_id, film = unique_id("versioned"), films["Horror"][0]
+    act(producer, user_id, [film])
     user_vector(stack, user_id, min_history=1)
-    row = stack.store.get_online_features(features=["user_embedding:model_version"],
-                                          entity_rows=[{"user_id": user_id}]).to_dict()
-    item = wait_readable(stack.store, [films["Horror"][0]["item_id"]])[films["Horror"][0]["item_id"]]
-    assert row["model_version"][0].endswith(towers["version"]), (row["model_version"][0], towers["version"])
-    assert item["model_version"].endswith(towers["version"]), (item["model_version"], towers["version"])
+    user_version = stack.store.get_online_features(features=["user_embedding:model_version"],
+                                                   entity_rows=[{"user_id": user_id}]).to_dict()["model_version"][0]
+    item_version = wait_readable(stack.store, [film["item_id"]])[film["item_id"]]["model_version"]
+    assert user_version.endswith(towers["version"]), (user_version, towers["version"])
+    assert item_version.endswith(towers["version"]), (item_version, towers["version"])
 
 
 @pytest.mark.usefixtures("towers")
