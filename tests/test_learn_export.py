@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from coldstart.settings import Settings
 from encoders.export_towers import check_parity, export_towers, is_current
 from encoders.model import LEARN, LEARNConfig
-from encoders.tower_runtime import METADATA, TOWERS_DIR_NAME, OnnxTowers
-from tests.conftest import PROJECT_DATA_DIR
+from encoders.tower_runtime import OnnxTowers
+from tests.conftest import PROJECT_DATA_DIR, exported_towers
 from tests.learn_fixtures import ml100k, ml100k_small  # noqa: F401  (fixtures)
 
 
@@ -55,8 +54,7 @@ def test_an_export_is_current_only_for_its_checkpoint_config_and_protocol(ml100k
 
 def test_export_towers_finds_the_towers_exported_from_its_checkpoint_current():
     """`make test` has exported the default towers; exporting again only checks that they are current."""
-    exported = Settings.from_env().onnx_dir / TOWERS_DIR_NAME / METADATA
-    assert exported.exists(), f"no trained towers in {exported.parent}: run `coldstart export-towers` (`make test` does)"
+    exported_towers()
     env = {**os.environ, "COLDSTART_DATA_DIR": str(PROJECT_DATA_DIR)}
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "coldstart.cli", "export-towers"], capture_output=True, text=True,

@@ -19,8 +19,7 @@ from coldstart.services import free_port
 from coldstart.stack import WorkerProcess, send_action
 from encoders.datasets import fetch_ml100k, ml100k_films
 from encoders.evaluate import Paths
-from encoders.tower_runtime import METADATA, TOWERS_DIR_NAME
-from tests.conftest import PROJECT_DATA_DIR, read_topic, unique_id, upload, wait_readable
+from tests.conftest import PROJECT_DATA_DIR, exported_towers, read_topic, unique_id, upload, wait_readable
 
 ML100K = Paths(PROJECT_DATA_DIR).ml100k
 GENRES = ("Children's", "Horror", "Documentary")
@@ -28,11 +27,8 @@ FILMS_PER_GENRE = 14
 
 
 @pytest.fixture(scope="module")
-def towers(stack) -> dict:
-    """towers.json of the towers the worker serves; fails if there are none."""
-    path = stack.settings.onnx_dir / TOWERS_DIR_NAME / METADATA
-    assert path.exists(), f"no trained towers in {path.parent}: run `coldstart export-towers` (`make test` does)"
-    return json.loads(path.read_text())
+def towers() -> dict:
+    return exported_towers()
 
 
 @pytest.fixture(scope="module")
