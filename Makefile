@@ -1,4 +1,5 @@
-# The two commands of README.md. Both set up .venv/ first (fast when it is current).
+# The two commands of README.md. Both set up .venv/ and export the encoder and the
+# trained towers first (fast when they are current; the first run trains the towers).
 .PHONY: setup demo test
 
 setup:
@@ -6,8 +7,10 @@ setup:
 
 demo: setup
 	.venv/bin/coldstart export
+	.venv/bin/coldstart export-towers
 	.venv/bin/coldstart demo
 
 test: setup
 	.venv/bin/coldstart export
+	.venv/bin/coldstart export-towers
 	.venv/bin/python -m pytest -q

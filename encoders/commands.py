@@ -114,25 +114,34 @@ def evaluate(config_name: str, extras: tuple[str, ...], sasrec: str, retrain: bo
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Export folder (default: COLDSTART_ONNX_DIR/towers).")
 def export_towers(config_name: str, protocol: str, out_dir: Path | None) -> None:
-    """Write the user and item towers to ONNX (+ towers.json) and check parity with torch."""
+    """Write the user and item towers to ONNX (+ towers.json) and check parity with torch.
+
+    Trains the config first if it has no checkpoint; does nothing if out_dir already holds this checkpoint's towers."""
     from coldstart.settings import Settings
     from encoders.configs import encoder_config
-    from encoders.datasets import content_embeddings, make_split
+    from encoders.datasets import content_embeddings, file_sha256, make_split
     from encoders.evaluate import load_dataset, trained_learn
-    from encoders.export_towers import check_parity
+    from encoders.export_towers import check_parity, is_current
     from encoders.export_towers import export_towers as export
+    from encoders.tower_runtime import METADATA
+    from encoders.train import CHECKPOINT
 
     paths = _paths()
     config = _config(config_name)
+    out_dir = out_dir or Settings.from_env().onnx_dir / "towers"
     loaded = load_dataset(paths)
+    checkpoint = paths.run_dir(loaded.name, config.name, protocol) / CHECKPOINT
+    if checkpoint.exists() and is_current(out_dir, config.name, protocol, file_sha256(checkpoint)):
+        click.echo(f"towers up to date ({config.name} [{protocol}] from {checkpoint} in {out_dir})")
+        return
     content = content_embeddings(loaded.item_texts, encoder_config(config.encoder), paths.content_cache)
     split = make_split(loaded, protocol, config.cold_fraction, config.seed)
     run = trained_learn(config, loaded, split, content, paths)
-    out_dir = out_dir or Settings.from_env().onnx_dir / "towers"
-    export(run.model, out_dir, encoder_config(config.encoder).name, config.name, protocol)
+    export(run.model, out_dir, encoder_config(config.encoder).name, config.name, protocol, file_sha256(checkpoint))
     worst = check_parity(run.model, out_dir, content)
     click.echo(f"towers of {config.name} [{protocol}] exported to {out_dir}; parity with torch: min cosine {worst:.6f}")
     if worst < 0.999:
+        (out_dir / METADATA).unlink()  # not current: the next run exports again
         raise click.ClickException(f"ONNX towers disagree with torch (min cosine {worst:.6f} < 0.999)")
 
 

@@ -63,14 +63,14 @@ class Interactions:
         return sum(len(s) for s in self.sequences)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def fetch_ml100k(dest: Path) -> Path:
     """Put ml-100k.{inter,item,user} into dest (from the recbole wheel on the package index)."""
     dest = Path(dest)
-    if all((dest / f).exists() and _sha256(dest / f) == sha for f, sha in ML100K_SHA256.items()):
+    if all((dest / f).exists() and file_sha256(dest / f) == sha for f, sha in ML100K_SHA256.items()):
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,19 +90,27 @@ def fetch_ml100k(dest: Path) -> Path:
     return dest
 
 
+def ml100k_films(folder: Path) -> list[dict]:
+    """MovieLens-100K's films as item uploads: title "Title (year)", category the genres ("Animation, Comedy")."""
+    items = pd.read_csv(Path(folder) / "ml-100k.item", sep="\t", dtype=str, keep_default_na=False)
+    items.columns = [c.split(":")[0] for c in items.columns]  # "movie_title:token_seq" → "movie_title"
+    return [
+        {"item_id": item_id, "title": f"{title} ({year})" if year else title, "category": ", ".join(genres.split())}
+        for item_id, title, year, genres
+        in zip(items["item_id"], items["movie_title"], items["release_year"], items["class"])
+    ]
+
+
 def load_ml100k(folder: Path) -> Interactions:
     """MovieLens-100K from RecBole's atomic files; item text = title (year), genres."""
     folder = Path(folder)
-    items = pd.read_csv(folder / "ml-100k.item", sep="\t", dtype=str, keep_default_na=False)
-    items.columns = [c.split(":")[0] for c in items.columns]  # "movie_title:token_seq" → "movie_title"
-    texts = [
-        item_text(title=f"{title} ({year})" if year else title, category=", ".join(genres.split()))
-        for title, year, genres in zip(items["movie_title"], items["release_year"], items["class"])
-    ]
+    films = ml100k_films(folder)
+    texts = [item_text(title=film["title"], category=film["category"]) for film in films]
     inter = pd.read_csv(folder / "ml-100k.inter", sep="\t", dtype=str)
     inter.columns = [c.split(":")[0] for c in inter.columns]
     inter["timestamp"] = inter["timestamp"].astype(float)
-    return _build("ml-100k", list(items["item_id"]), texts, inter["user_id"], inter["item_id"], inter["timestamp"])
+    item_ids = [film["item_id"] for film in films]
+    return _build("ml-100k", item_ids, texts, inter["user_id"], inter["item_id"], inter["timestamp"])
 
 
 def _build(name, item_ids, item_texts, users, items, times) -> Interactions:

@@ -15,7 +15,9 @@ Interface (stable; the stream workers depend on it):
     output `item_embedding`    float32 (B, D): L2-normalised
 - `towers.json`: content_dim (C), out_dim (D), max_history (N), padding
   ("right"), mask_dtype, encoder (the CEG name the towers were trained on:
-  feed them embeddings from that encoder only), config, protocol, version.
+  feed them embeddings from that encoder only), config, protocol,
+  checkpoint_sha256 (of the checkpoint exported; null for a model never
+  saved), version.
 
 Score = dot product of the two embeddings (a cosine). N is fixed at export;
 B is dynamic.
@@ -61,7 +63,8 @@ class ItemTowerGraph(nn.Module):
         return self.tower(content_embedding)  # (B, D)
 
 
-def export_towers(model: LEARN, out_dir: Path, encoder: str, config_name: str, protocol: str) -> Path:
+def export_towers(model: LEARN, out_dir: Path, encoder: str, config_name: str, protocol: str,
+                  checkpoint_sha256: str | None = None) -> Path:
     """Write user_tower.onnx, item_tower.onnx and towers.json into out_dir."""
     assert not model.config.id_residual, "ID-residual variants need item ids: only content towers are served"
     model = model.cpu().eval()
@@ -87,10 +90,19 @@ def export_towers(model: LEARN, out_dir: Path, encoder: str, config_name: str, p
     metadata = {
         "content_dim": c, "out_dim": model.config.out_dim, "max_history": n,
         "padding": "right", "mask_dtype": "int64", "encoder": encoder,
-        "config": config_name, "protocol": protocol, "version": f"{config_name}@{digest.hexdigest()[:12]}",
+        "config": config_name, "protocol": protocol, "checkpoint_sha256": checkpoint_sha256, "version": f"{config_name}@{digest.hexdigest()[:12]}",
     }
     (out_dir / METADATA).write_text(json.dumps(metadata, indent=2))
     return out_dir
+
+
+def is_current(out_dir: Path, config_name: str, protocol: str, checkpoint_sha256: str) -> bool:
+    """Whether out_dir already holds the towers exported from exactly this checkpoint."""
+    if not all((out_dir / name).exists() for name in (USER_ONNX, ITEM_ONNX, METADATA)):
+        return False
+    metadata = json.loads((out_dir / METADATA).read_text())
+    exported = metadata["config"], metadata["protocol"], metadata.get("checkpoint_sha256")
+    return exported == (config_name, protocol, checkpoint_sha256)
 
 
 @torch.no_grad()

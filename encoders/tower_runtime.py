@@ -78,6 +78,6 @@ def load_towers(onnx_dir: Path, encoder_name: str):
             raise ValueError(f"towers in {towers_dir} were trained on encoder {trained_on!r}, the service runs {encoder_name!r}")
         log.info("PCH towers %s loaded from %s", towers.version, towers_dir)
         return towers
-    log.warning("no trained towers in %s (run `coldstart train` and `coldstart export-towers`); "
+    log.warning("no trained towers in %s (run `coldstart export-towers`: it trains them first if needed); "
                 "serving the content baseline: item = content embedding, user = mean of history", towers_dir)
     return ContentTowers()

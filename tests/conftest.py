@@ -22,6 +22,19 @@ from coldstart import feature_store  # noqa: E402
 from coldstart.services import LocalRedis, free_port, wait_for_port  # noqa: E402
 from coldstart.settings import Settings  # noqa: E402
 from coldstart.stack import LocalStack, WorkerProcess, item_event, new_producer, send_item  # noqa: E402
+from encoders.tower_runtime import METADATA, TOWERS_DIR_NAME  # noqa: E402
+
+
+# Where `coldstart data fetch` and `coldstart export-towers` keep data sets and checkpoints; read at import,
+# before the stack fixture points COLDSTART_DATA_DIR at a temporary folder of its own.
+PROJECT_DATA_DIR = Settings.from_env().data_dir
+
+
+def exported_towers() -> dict:
+    """towers.json of the trained towers the workers serve; fails, saying how to export them, if there are none."""
+    path = Settings.from_env().onnx_dir / TOWERS_DIR_NAME / METADATA
+    assert path.exists(), f"no trained towers in {path.parent}: run `coldstart export-towers` (`make test` does)"
+    return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="session")
