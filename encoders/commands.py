@@ -83,20 +83,23 @@ def train(config_name: str, protocol: str) -> None:
 @click.option("--sasrec", type=click.Choice(["train", "cached", "off"]), default="train", show_default=True,
               help="RecBole's SASRec (in .venv-baselines): 'train' where no cached result exists "
                    "(about an hour per split on 2 cores), 'cached' only splits already trained, 'off'.")
+@click.option("--protocol", type=PROTOCOL_CHOICE, default="both", show_default=True,
+              help="Protocols to run (ablations: 'cold' alone reports cold, warm and overall).")
 @click.option("--retrain", is_flag=True, help="Train the LEARN configs again even if checkpoints exist.")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Folder for the PNG plots and results.json (default: data/eval/).")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON object on the last line.")
-def evaluate(config_name: str, extras: tuple[str, ...], sasrec: str, retrain: bool, plots_dir: Path | None,
+def evaluate(config_name: str, extras: tuple[str, ...], sasrec: str, protocol: str, retrain: bool, plots_dir: Path | None,
              as_json: bool) -> None:
     """Score LEARN, SASRec, popularity and raw content on ML-100K: protocols loo and cold."""
+    from encoders.evaluate import PROTOCOLS, format_table, plot
     from encoders.evaluate import evaluate as run_evaluation
-    from encoders.evaluate import format_table, plot
 
     paths = _paths()
     started = time.time()
     config, extras = _config(config_name), [_config(name) for name in extras]
-    report = run_evaluation(paths, config.name, tuple(c.name for c in extras), sasrec=sasrec, retrain=retrain)
+    report = run_evaluation(paths, config.name, tuple(c.name for c in extras), sasrec=sasrec,
+                            protocols=PROTOCOLS if protocol == "both" else (protocol,), retrain=retrain)
     out_dir = plots_dir or paths.root / "eval"
     written = plot(report, paths, out_dir)
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))

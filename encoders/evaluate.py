@@ -111,9 +111,9 @@ def slices_of(split: Split, targets: np.ndarray) -> dict[str, np.ndarray]:
 
 def evaluate(
     paths: Paths, config_name: str = DEFAULT, extra_configs: tuple[str, ...] = (),
-    sasrec: str = "train", retrain: bool = False,
+    sasrec: str = "train", protocols: tuple[str, ...] = PROTOCOLS, retrain: bool = False,
 ) -> dict:
-    """Run every model on both protocols; returns the JSON-able report."""
+    """Run every model on the protocols; returns the JSON-able report."""
     started = time.time()
     data = load_dataset(paths)
     configs = [get_config(name) for name in (config_name, *extra_configs)]
@@ -126,7 +126,7 @@ def evaluate(
             contents[config.encoder] = content_embeddings(data.item_texts, encoder_config(config.encoder),
                                                           paths.content_cache)
             report["seconds"][f"content:{config.encoder}"] = time.time() - t
-    for protocol in PROTOCOLS:
+    for protocol in protocols:
         split = make_split(data, protocol, configs[0].cold_fraction, configs[0].seed)
         users = np.flatnonzero(split.test >= 0)
         targets = split.test[users]
@@ -203,6 +203,8 @@ def plot(report: dict, paths: Paths, out_dir: Path) -> list[Path]:
     written.append(out_dir / "training_loss.png")
     plt.close(fig)
 
+    if "cold_cold" not in report["counts"]:  # protocol loo alone: no cold and warm targets
+        return written
     models = list(report["results"])
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.38
