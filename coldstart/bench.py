@@ -463,7 +463,11 @@ def run_actions_bench(rate: float, seconds: float, users: int) -> dict:
     pct = lambda q: round(float(np.percentile(latencies, q)), 1) if len(latencies) else None
     row = {"rate_per_s": rate, "actions": count, "updated": len(latencies), "p50_ms": pct(50), "p95_ms": pct(95),
            "p99_ms": pct(99), "drained": drained}
-    return {"benchmark": "actions", "machine": machine(), "row": row, f"action_to_vector_p99_ms_at_{rate:g}": pct(99)}
+    from encoders.tower_runtime import load_towers
+
+    towers = load_towers(settings.onnx_dir, settings.encoder_name).version  # what the worker served
+    return {"benchmark": "actions", "machine": machine(), "towers": towers, "row": row,
+            f"action_to_vector_p99_ms_at_{rate:g}": pct(99)}
 
 
 # ---- burst -----------------------------------------------------------------
