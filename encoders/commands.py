@@ -123,7 +123,7 @@ def export_towers(config_name: str, protocol: str, out_dir: Path | None) -> None
     from coldstart.settings import Settings
     from encoders.configs import encoder_config
     from encoders.datasets import content_embeddings, file_sha256, make_split
-    from encoders.evaluate import load_dataset, trained_learn
+    from encoders.evaluate import current_history, load_dataset, trained_learn
     from encoders.export_towers import check_parity, is_current
     from encoders.export_towers import export_towers as export
     from encoders.tower_runtime import METADATA
@@ -133,8 +133,10 @@ def export_towers(config_name: str, protocol: str, out_dir: Path | None) -> None
     config = _config(config_name)
     out_dir = out_dir or Settings.from_env().onnx_dir / "towers"
     loaded = load_dataset(paths)
-    checkpoint = paths.run_dir(loaded.name, config.name, protocol) / CHECKPOINT
-    if checkpoint.exists() and is_current(out_dir, config.name, protocol, file_sha256(checkpoint)):
+    run_dir = paths.run_dir(loaded.name, config.name, protocol)
+    checkpoint = run_dir / CHECKPOINT
+    if (current_history(config, run_dir) is not None and checkpoint.exists()
+            and is_current(out_dir, config.name, protocol, file_sha256(checkpoint))):
         click.echo(f"towers up to date ({config.name} [{protocol}] from {checkpoint} in {out_dir})")
         return
     content = content_embeddings(loaded.item_texts, encoder_config(config.encoder), paths.content_cache)

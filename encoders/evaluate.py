@@ -83,18 +83,25 @@ class LearnRun:
     history: dict = field(default_factory=dict)
 
 
+def current_history(config: TrainConfig, run_dir: Path) -> dict | None:
+    """history.json of the checkpoint in run_dir if it was trained with this config's
+    settings; None if there is none or a config's numbers changed since."""
+    if not (run_dir / HISTORY).exists():
+        return None
+    history = json.loads((run_dir / HISTORY).read_text())
+    if history.get("settings") != json.loads(json.dumps(asdict(config))):  # as history.json stores it
+        log.warning("the checkpoint in %s was trained with other settings than %s's", run_dir, config.name)
+        return None
+    return history
+
+
 def trained_learn(config: TrainConfig, data: Interactions, split: Split, content: np.ndarray,
                   paths: Paths, retrain: bool = False) -> LearnRun:
     """The checkpoint of this config on this split, training it first if there is none
     or if it was trained with other settings (a config's numbers changed since)."""
     run_dir = paths.run_dir(data.name, config.name, split.protocol)
-    history = json.loads((run_dir / HISTORY).read_text()) if (run_dir / HISTORY).exists() else None
-    current = json.loads(json.dumps(asdict(config)))  # as history.json stores it
-    stale = history is not None and history.get("settings") != current
-    if stale:
-        log.warning("the checkpoint of %s [%s] was trained with other settings: training again",
-                    config.name, split.protocol)
-    if retrain or history is None or stale:
+    history = None if retrain else current_history(config, run_dir)
+    if history is None:
         log.info("training %s on %s [%s]", config.name, data.name, split.protocol)
         model, history = train(config, split, content, out_dir=run_dir)
         return LearnRun(config, split.protocol, model, history)
