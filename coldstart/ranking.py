@@ -5,8 +5,9 @@
     top = recommend("u42", k=10)
 
 Both read the stored features of the versioned feature service `ranking_v1`
-(feature_repo/feature_services.py) in one online-store call, and compute its
-affinity (the cosine of two unit vectors) with numpy. The HTTP feature server
+(feature_repo/feature_services.py) from Feast's online store, one pipelined
+round trip per feature view, and compute its affinity (the cosine of two unit
+vectors) with numpy. The HTTP feature server
 serves the same service, affinity included, through its on-demand view.
 """
 
