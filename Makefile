@@ -1,5 +1,6 @@
 # The two commands of README.md. Both set up .venv/ and export the encoder and the
-# trained towers first (fast when they are current; the first run trains the towers).
+# trained towers first (fast when they are current; the first run trains the towers);
+# the tests start with the import contracts (pyproject.toml, [tool.importlinter]).
 .PHONY: setup demo test
 
 setup:
@@ -11,6 +12,7 @@ demo: setup
 	.venv/bin/coldstart demo
 
 test: setup
+	.venv/bin/lint-imports
 	.venv/bin/coldstart export
 	.venv/bin/coldstart export-towers
 	.venv/bin/python -m pytest -q

@@ -1,19 +1,17 @@
-"""coldstart: real-time cold-start embeddings (LEARN) served through Feast."""
+"""coldstart: real-time cold-start embeddings (LEARN) served through Feast.
 
-from pathlib import Path
+The package is the service's top and bottom; it re-exports nothing, so that
+importing its bottom layer (coldstart.config) loads nothing else. The map,
+bottom up (README "Architecture"; .importlinter keeps the arrows):
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def ranking_features(user_id: str, item_ids: list[str], store=None):
-    """One user's and their candidate items' features with affinities (see coldstart.ranking)."""
-    from coldstart.ranking import ranking_features as read
-
-    return read(user_id, item_ids, store)
-
-
-def recommend(user_id: str, candidates: list[str] | None = None, k: int = 10, store=None):
-    """The k items with the highest affinity to the user (see coldstart.ranking)."""
-    from coldstart.ranking import recommend as rank
-
-    return rank(user_id, candidates, k, store)
+- coldstart.config   settings, read once at the edge, and the shared names
+- encoders           ONNX Runtime + tokenizers: content encoder, towers (no torch)
+- feature_repo       Feast declarations only
+- coldstart.store    the Feast adapter: the only module that touches Feast internals
+- coldstart.ranking  the read path for ranking (Python)
+- streams            the faust workers: item-uploads and user-actions
+- coldstart.server   the HTTP read path
+- encoders.training  torch: the encoder's reference and export, LEARN, training, evaluation
+- coldstart.dev      local services, the demo, load generators, benchmarks
+- coldstart.cli      the command line: reads the settings and passes them down
+"""

@@ -2,16 +2,16 @@
 
 from feast import FileSource, PushSource
 
-from coldstart.settings import Settings
-
 # The offline store is a folder of parquet part files per feature view, appended
-# to by the workers (coldstart/feature_store.py) and read by `feast materialize`.
-OFFLINE_DIR = Settings.from_env().data_dir / "offline"
+# to by the workers (coldstart/store.py) and read by `feast materialize`. Paths
+# are relative to the repo path Feast is given: the data folder (COLDSTART_DATA_DIR)
+# for the service's own commands, this folder for the `feast` CLI run here.
+OFFLINE_DIR = "offline"
 
 # Item embeddings as written by the item agent.
 item_embeddings_source = FileSource(
     name="item_embeddings_source",
-    path=str(OFFLINE_DIR / "item_embeddings"),
+    path=f"{OFFLINE_DIR}/item_embeddings",
     timestamp_field="event_timestamp",
     description="Item embeddings written by the item agent (parquet part files)",
     owner="coldstart",
@@ -30,7 +30,7 @@ item_embeddings_push_source = PushSource(
 # User embeddings as written by the user agent.
 user_embeddings_source = FileSource(
     name="user_embeddings_source",
-    path=str(OFFLINE_DIR / "user_embeddings"),
+    path=f"{OFFLINE_DIR}/user_embeddings",
     timestamp_field="event_timestamp",
     description="User embeddings written by the user agent (parquet part files)",
     owner="coldstart",

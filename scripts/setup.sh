@@ -20,6 +20,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, alone: the 2.13.0 CPU wheel. Any looser torch requirement
 # resolved by pip would download gigabytes of CUDA packages.
 .venv/bin/python -m pip install --quiet torch==2.13.0
-.venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e ".[test]"
+.venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e ".[train,dev,test]"
 echo "$want" > "$STAMP"
 echo "set-up done: .venv/bin/coldstart"

@@ -21,8 +21,8 @@ import os
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
-from streams.app import app, settings
-from streams.sinks import describe, offline_buffers
+from coldstart.config import Settings
+from streams.sinks import describe
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class TopicMissing(RuntimeError):
 class TopicIds:
     """The ids of WATCHED_TOPICS as first seen, compared with the broker's on every check."""
 
-    def __init__(self):
+    def __init__(self, settings: Settings):
+        self.settings = settings
         self.first_seen: dict[str, str] = {}
         self.admin: KafkaAdminClient | None = None
 
@@ -49,7 +50,8 @@ class TopicIds:
         """Blocking (kafka-python): run it in a thread. Raises BrokerDataLost, TopicMissing, or KafkaError."""
         if self.admin is None:
             self.admin = KafkaAdminClient(
-                bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=5000, **settings.kafka_client_options()
+                bootstrap_servers=self.settings.kafka_bootstrap, request_timeout_ms=5000,
+                **self.settings.kafka_client_options(),
             )
         now = {t["name"]: t["topic_id"] for t in self.admin.describe_topics() if t["name"] in WATCHED_TOPICS}
         for topic in WATCHED_TOPICS:
@@ -66,11 +68,18 @@ class TopicIds:
         self.first_seen.update(now)
 
 
-topic_ids = TopicIds()
+def register(app) -> None:
+    """Declare the broker check on the app (streams.app.ColdstartApp)."""
+    settings = app.settings
+    topic_ids = TopicIds(settings)
+
+    @app.timer(interval=CHECK_INTERVAL_S)
+    async def watch_broker() -> None:
+        await check(app, topic_ids)
 
 
-@app.timer(interval=CHECK_INTERVAL_S)
-async def watch_broker() -> None:
+async def check(app, topic_ids: TopicIds) -> None:
+    settings = app.settings
     try:
         await asyncio.to_thread(topic_ids.check)
     except (KafkaError, TopicMissing) as err:  # the consumer waits and reconnects by itself; keep watching
@@ -83,7 +92,7 @@ async def watch_broker() -> None:
             "holds and stopping, so that nothing more is skipped silently; a restarted worker carries on "
             "with the broker's new logs.", lost, settings.kafka_bootstrap, CHECK_INTERVAL_S + 1,
         )
-        for offline in offline_buffers:
+        for offline in app.offline_buffers:
             await offline.flush(force=True)
         # Not faust's graceful stop: it would commit to, and can hang on, a broker that is not the
         # one this worker was reading. Nothing else is worth saving.

@@ -7,7 +7,6 @@ import hashlib
 import logging
 from datetime import datetime, timezone
 
-from streams.app import dead_letters_topic
 from streams.records import DeadLetter
 
 log = logging.getLogger(__name__)
@@ -19,24 +18,30 @@ MAX_ORIGINAL_BYTES = 64 * 1024
 MAX_KEY_BYTES = 1024
 
 
-async def send_dead_letter(topic: str, partition: int, offset: int, key, original: bytes | None, reason: str) -> None:
-    """Publish a dead letter and wait until it is durable (before its event may be acknowledged)."""
-    log.info("dead letter %s[%d]@%d: %s", topic, partition, offset, reason)
-    key_bytes = (key if isinstance(key, bytes) else key.encode())[:MAX_KEY_BYTES] if key else None
-    original = original or b""
-    delivery = await dead_letters_topic.send(
-        key=key_bytes,
-        value=DeadLetter(
-            topic=topic, partition=partition, offset=offset, reason=reason,
-            original_base64=base64.b64encode(original[:MAX_ORIGINAL_BYTES]).decode("ascii"),
-            original_size=len(original), original_sha256=hashlib.sha256(original).hexdigest(),
-            key=key_bytes.decode("utf-8", "replace") if key_bytes else None,
-            received_at=datetime.now(timezone.utc),
-        ),
-    )
-    await delivery
+class DeadLetters:
+    """The dead-letters topic, as the agents write to it."""
 
+    def __init__(self, topic):
+        self.topic = topic
 
-async def dead_letter_event(event, reason: str) -> None:
-    message = event.message
-    await send_dead_letter(message.topic, message.partition, message.offset, message.key, message.value, reason)
+    async def send(self, topic: str, partition: int, offset: int, key, original: bytes | None, reason: str) -> None:
+        """Publish a dead letter and wait until it is durable (before its event may be acknowledged)."""
+        log.info("dead letter %s[%d]@%d: %s", topic, partition, offset, reason)
+        key_bytes = (key if isinstance(key, bytes) else key.encode())[:MAX_KEY_BYTES] if key else None
+        original = original or b""
+        delivery = await self.topic.send(
+            key=key_bytes,
+            value=DeadLetter(
+                topic=topic, partition=partition, offset=offset, reason=reason,
+                original_base64=base64.b64encode(original[:MAX_ORIGINAL_BYTES]).decode("ascii"),
+                original_size=len(original), original_sha256=hashlib.sha256(original).hexdigest(),
+                key=key_bytes.decode("utf-8", "replace") if key_bytes else None,
+                received_at=datetime.now(timezone.utc),
+            ),
+        )
+        await delivery
+
+    async def send_event(self, event, reason: str) -> None:
+        """The event being processed, as received."""
+        message = event.message
+        await self.send(message.topic, message.partition, message.offset, message.key, message.value, reason)

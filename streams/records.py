@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import faust
 
@@ -65,3 +65,9 @@ class UserHistory(faust.Record, serializer="json", isodates=True):
     """A user's last N positive actions, oldest first (value of the user-histories table)."""
 
     entries: List[HistoryEntry] = []
+
+
+class WaitingItems(faust.Record, serializer="json"):
+    """A user's actions on items not uploaded yet: item_id → deadline, epoch seconds (value of waiting-items)."""
+
+    deadlines: Dict[str, float] = {}

@@ -12,9 +12,8 @@ import logging
 import time
 
 import pandas as pd
-import pyarrow as pa
 
-from coldstart import feature_store
+from coldstart.store import OfflineTable
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +55,9 @@ class OfflineBuffer:
     offline store too, without writing one small file per micro-batch.
     """
 
-    def __init__(self, stream, path: str, schema: pa.Schema, flush_seconds: float):
+    def __init__(self, stream, table: OfflineTable, flush_seconds: float):
         self.stream = stream
-        self.path = path
-        self.schema = schema
+        self.table = table
         self.flush_seconds = flush_seconds
         self.frames: list[pd.DataFrame] = []
         self.events: list = []
@@ -80,10 +78,6 @@ class OfflineBuffer:
             frames, events = self.frames, self.events
             self.frames, self.events = [], []
             if frames:
-                await retry_forever("offline write", feature_store.write_offline, self.path, pd.concat(frames), self.schema)
+                await retry_forever("offline write", self.table.write, pd.concat(frames))
             for event in events:
                 await self.stream.ack(event)
-
-
-# Every agent's buffer, flushed by a timer in streams.app so acknowledgements never wait for traffic.
-offline_buffers: list[OfflineBuffer] = []

@@ -9,7 +9,10 @@ embeddings of their last N items.
 An action on an item the service has not seen yet is kept in the history and
 waits up to COLDSTART_UNKNOWN_ITEM_WAIT_SECONDS for the item's upload (the
 user's vector is recomputed as soon as it arrives); after that it is removed
-from the history and sent to dead-letters with the reason.
+from the history and sent to dead-letters with the reason. The deadlines are
+kept in a second table (waiting-items, wall-clock times), so they survive a
+restart or a rebalance: whichever worker holds the user's partition then
+gives up on time.
 """
 
 from __future__ import annotations
@@ -22,23 +25,14 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from coldstart import feature_store
-from encoders.tower_runtime import load_towers
-from streams.app import app, settings, user_actions_topic
-from streams.dead_letters import dead_letter_event, send_dead_letter
-from streams.items import model_executor
-from streams.records import HistoryEntry, UserAction, UserHistory
-from streams.sinks import OfflineBuffer, offline_buffers, retry_forever
+from coldstart import store as feast_store
+from coldstart.config import USER_PUSH_SOURCE, USER_VIEW, Settings
+from encoders.towers import load_towers
+from streams.records import HistoryEntry, UserAction, UserHistory, WaitingItems
+from streams.sinks import OfflineBuffer, retry_forever
 from streams.validation import POSITIVE_ACTIONS, InvalidEvent, parse_user_action
 
 log = logging.getLogger(__name__)
-
-# Keyed by user_id, partitioned like user-actions (the producer's key hash), so each
-# worker holds the histories of the users on its partitions.
-user_histories = app.Table(
-    "user-histories", default=UserHistory, partitions=settings.topic_partitions,
-    key_type=str, value_type=UserHistory, use_partitioner=True,
-)
 
 
 class ContentEmbeddings:
@@ -55,7 +49,7 @@ class ContentEmbeddings:
         found = {i: v for i, (at, v) in ((i, self.cache[i]) for i in item_ids if i in self.cache) if now - at < self.ttl_seconds}
         missing = [i for i in item_ids if i not in found]
         if missing:
-            rows = feature_store.read_item_features(self.store, missing, features=("content_embedding",))
+            rows = feast_store.read_item_features(self.store, missing, features=("content_embedding",))
             if len(self.cache) + len(rows) > self.max_items:
                 self.cache.clear()
             for item_id, row in rows.items():
@@ -66,13 +60,11 @@ class ContentEmbeddings:
 
 
 class UserModels:
-    def __init__(self):
-        self.towers = load_towers(settings.onnx_dir, settings.encoder_name)
-        self.store = feature_store.open_store(settings)
+    def __init__(self, settings: Settings):
+        self.towers = load_towers(settings.towers_dir, settings.encoder_name, settings.onnx_threads)
+        self.store = feast_store.open_store(settings)
         self.content = ContentEmbeddings(self.store)
-        from feature_repo.data_sources import user_embeddings_source
-
-        self.offline_path = user_embeddings_source.path
+        self.offline = feast_store.offline_table(self.store, USER_VIEW)
         log.info("user agent ready: towers %s, history of %d", self.towers.version, settings.user_history_length)
 
     def user_vectors(self, histories: dict[str, list[HistoryEntry]]):
@@ -91,108 +83,111 @@ class UserModels:
         return users, [len(i) for i in inputs], vectors, unknown
 
 
-class WaitingUsers:
-    """Users whose history holds items not uploaded yet, with the deadline of each such item."""
-
-    def __init__(self):
-        self.deadlines: dict[str, dict[str, float]] = {}
-
-    def update(self, unknown: dict[str, set[str]], recomputed: set[str]) -> None:
-        for user_id in recomputed - set(unknown):
-            self.deadlines.pop(user_id, None)
-        for user_id, items in unknown.items():
-            waiting = self.deadlines.setdefault(user_id, {})
-            for item_id in items:
-                waiting.setdefault(item_id, time.monotonic() + settings.unknown_item_wait_seconds)
-            for item_id in set(waiting) - items:
-                del waiting[item_id]
-
-
-models_ready: asyncio.Future | None = None
-waiting_users = WaitingUsers()
-
-
-def record_action(action: UserAction) -> bool:
-    """Add a positive action to the user's history; False if it is already there (a replay)."""
-    entry = HistoryEntry(item_id=action.item_id, action=action.action, occurred_at=action.occurred_at)
-    entries = list(user_histories[action.user_id].entries)
-    if any((e.item_id, e.action, e.occurred_at) == (entry.item_id, entry.action, entry.occurred_at) for e in entries):
-        return False
-    entries.append(entry)
-    entries.sort(key=lambda e: e.occurred_at)  # a late, older action takes its place in time
-    user_histories[action.user_id] = UserHistory(entries=entries[-settings.user_history_length :])
-    return True
-
-
-async def recompute(models: UserModels, user_ids: set[str]):
-    """New vectors for these users, pushed online; returns the offline frame (or None)."""
-    histories = {u: list(user_histories[u].entries) for u in user_ids}
-    users, lengths, vectors, unknown = await asyncio.get_running_loop().run_in_executor(
-        model_executor, models.user_vectors, histories
+def register(app) -> None:
+    """Declare the user agent, its two tables and the timer that rechecks waiting actions on the app."""
+    settings = app.settings
+    # Keyed by user_id, partitioned like user-actions (the producer's key hash), so each
+    # worker holds the histories (and waiting deadlines) of the users on its partitions.
+    user_histories = app.Table(
+        "user-histories", default=UserHistory, partitions=settings.topic_partitions,
+        key_type=str, value_type=UserHistory, use_partitioner=True,
     )
-    waiting_users.update(unknown, set(user_ids))
-    if not users:
-        return None
-    # Stamped with the time of computation: the table holds the whole history in event-time
-    # order, so a later computation always knows at least as much as an earlier one.
-    now = datetime.now(timezone.utc)
-    frame = feature_store.user_embedding_frame(users, vectors, lengths, models.towers.version, [now] * len(users))
-    await retry_forever("online write", feature_store.push_online, models.store, "user_embeddings_push_source", frame)
-    return frame
+    waiting_items = app.Table(
+        "waiting-items", default=None, partitions=settings.topic_partitions,
+        key_type=str, value_type=WaitingItems, use_partitioner=True,
+    )
+    loaded: list[UserModels] = []  # the agent's models, once loaded (the timer waits for them)
 
+    def record_action(action: UserAction) -> bool:
+        """Add a positive action to the user's history; False if it is already there (a replay)."""
+        entry = HistoryEntry(item_id=action.item_id, action=action.action, occurred_at=action.occurred_at)
+        entries = list(user_histories[action.user_id].entries)
+        if any((e.item_id, e.action, e.occurred_at) == (entry.item_id, entry.action, entry.occurred_at) for e in entries):
+            return False
+        entries.append(entry)
+        entries.sort(key=lambda e: e.occurred_at)  # a late, older action takes its place in time
+        user_histories[action.user_id] = UserHistory(entries=entries[-settings.user_history_length :])
+        return True
 
-@app.agent(user_actions_topic)
-async def update_users(stream):
-    global models_ready
-    models_ready = asyncio.get_running_loop().run_in_executor(model_executor, UserModels)
-    models = await models_ready
-    offline = OfflineBuffer(stream, models.offline_path, feature_store.USER_EMBEDDING_SCHEMA, settings.offline_flush_seconds)
-    offline_buffers.append(offline)
-    async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_ms / 1000):
-        touched: set[str] = set()
-        for event in events:
-            try:
-                action = parse_user_action(event.value)
-            except InvalidEvent as reason:
-                await dead_letter_event(event, str(reason))
-                continue
-            if action.action in POSITIVE_ACTIONS and record_action(action):
-                touched.add(action.user_id)
-        frame = await recompute(models, touched) if touched else None
-        offline.add(frame, list(events))
-        await offline.flush()
+    def update_waiting(unknown: dict[str, set[str]], recomputed: set[str]) -> None:
+        """Keep each recomputed user's waiting items and their deadlines (first seen + the wait) in the table."""
+        for user_id in recomputed:
+            before = waiting_items.get(user_id)
+            deadlines = before.deadlines if before is not None else {}
+            now = {item_id: deadlines.get(item_id, time.time() + settings.unknown_item_wait_seconds)
+                   for item_id in unknown.get(user_id, ())}
+            if now and now != deadlines:
+                waiting_items[user_id] = WaitingItems(deadlines=now)
+            elif not now and before is not None:
+                del waiting_items[user_id]
 
+    async def recompute(models: UserModels, user_ids: set[str]):
+        """New vectors for these users, pushed online; returns the offline frame (or None)."""
+        histories = {u: list(user_histories[u].entries) for u in user_ids}
+        users, lengths, vectors, unknown = await asyncio.get_running_loop().run_in_executor(
+            app.model_executor, models.user_vectors, histories
+        )
+        update_waiting(unknown, set(user_ids))
+        if not users:
+            return None
+        # Stamped with the time of computation: the table holds the whole history in event-time
+        # order, so a later computation always knows at least as much as an earlier one.
+        now = datetime.now(timezone.utc)
+        frame = feast_store.user_embedding_frame(users, vectors, lengths, models.towers.version, [now] * len(users))
+        await retry_forever("online write", feast_store.push_online, models.store, USER_PUSH_SOURCE, frame)
+        return frame
 
-@app.timer(interval=1.0)
-async def recheck_waiting_users():
-    """Recompute users whose unknown items have arrived; give up on items past their deadline."""
-    if models_ready is None or not models_ready.done() or not waiting_users.deadlines:
-        return
-    models = models_ready.result()
-    now = time.monotonic()
-    still_unknown = {i for items in waiting_users.deadlines.values() for i in items}
-    arrived = set(await asyncio.to_thread(models.content.get, still_unknown))
-    ready = set()
-    for user_id, items in list(waiting_users.deadlines.items()):
-        expired = {i for i, deadline in items.items() if deadline <= now and i not in arrived}
-        if expired:
-            await give_up_on(user_id, expired)
-        if expired or arrived & set(items):
-            ready.add(user_id)
-    if ready:
-        frame = await recompute(models, ready)
-        if frame is not None:
-            await retry_forever("offline write", feature_store.write_offline, models.offline_path, frame,
-                                feature_store.USER_EMBEDDING_SCHEMA)
+    @app.agent(app.user_actions_topic)
+    async def update_users(stream):
+        models = await asyncio.get_running_loop().run_in_executor(app.model_executor, UserModels, settings)
+        loaded.append(models)
+        offline = OfflineBuffer(stream, models.offline, settings.offline_flush_seconds)
+        app.offline_buffers.append(offline)
+        async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_ms / 1000):
+            touched: set[str] = set()
+            for event in events:
+                try:
+                    action = parse_user_action(event.value)
+                except InvalidEvent as reason:
+                    await app.dead_letters.send_event(event, str(reason))
+                    continue
+                if action.action in POSITIVE_ACTIONS and record_action(action):
+                    touched.add(action.user_id)
+            frame = await recompute(models, touched) if touched else None
+            offline.add(frame, list(events))
+            await offline.flush()
 
+    @app.timer(interval=1.0)
+    async def recheck_waiting_users():
+        """Recompute users whose unknown items have arrived; give up on items past their deadline."""
+        if not loaded:
+            return
+        waiting = {user_id: value.deadlines for user_id, value in list(waiting_items.items()) if value is not None}
+        if not waiting:
+            return
+        models = loaded[0]
+        now = time.time()
+        still_unknown = {i for items in waiting.values() for i in items}
+        arrived = set(await asyncio.to_thread(models.content.get, still_unknown))
+        ready = set()
+        for user_id, deadlines in waiting.items():
+            expired = {i for i, deadline in deadlines.items() if deadline <= now and i not in arrived}
+            if expired:
+                await give_up_on(user_id, expired)
+            if expired or arrived & set(deadlines):
+                ready.add(user_id)
+        if ready:
+            frame = await recompute(models, ready)
+            if frame is not None:
+                await retry_forever("offline write", models.offline.write, frame)
 
-async def give_up_on(user_id: str, item_ids: set[str]) -> None:
-    """Remove actions on never-uploaded items from the history, each with a dead letter."""
-    entries = user_histories[user_id].entries
-    for entry in (e for e in entries if e.item_id in item_ids):
-        original = json.dumps({"user_id": user_id, "item_id": entry.item_id, "action": entry.action,
-                               "occurred_at": entry.occurred_at.isoformat()}).encode()
-        await send_dead_letter("user-actions", -1, -1, user_id, original,
-                               f"item_id {entry.item_id!r} was never uploaded within "
-                               f"{settings.unknown_item_wait_seconds:g}s; action removed from the history")
-    user_histories[user_id] = UserHistory(entries=[e for e in entries if e.item_id not in item_ids])
+    async def give_up_on(user_id: str, item_ids: set[str]) -> None:
+        """Remove actions on never-uploaded items from the history, each with a dead letter."""
+        entries = user_histories[user_id].entries
+        for entry in (e for e in entries if e.item_id in item_ids):
+            original = json.dumps({"user_id": user_id, "item_id": entry.item_id, "action": entry.action,
+                                   "occurred_at": entry.occurred_at.isoformat()}).encode()
+            await app.dead_letters.send("user-actions", -1, -1, user_id, original,
+                                        f"item_id {entry.item_id!r} was never uploaded within "
+                                        f"{settings.unknown_item_wait_seconds:g}s; action removed from the history")
+        user_histories[user_id] = UserHistory(entries=[e for e in entries if e.item_id not in item_ids])

@@ -1,7 +1,8 @@
 """Fixtures that start real services: Redis, the tansu broker, Feast, worker processes.
 
 Nothing here is a fake: the stack is the one `coldstart demo` runs. Each fixture
-stops what it started.
+stops what it started. The tests' edge: SETTINGS is read from the environment
+once, here, and every fixture passes its own copy down.
 """
 
 from __future__ import annotations
@@ -12,27 +13,29 @@ import shutil
 import subprocess
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from coldstart import feature_store  # noqa: E402
-from coldstart.services import LocalRedis, free_port, wait_for_port  # noqa: E402
-from coldstart.settings import Settings  # noqa: E402
-from coldstart.stack import LocalStack, WorkerProcess, item_event, new_producer, send_item  # noqa: E402
-from encoders.tower_runtime import METADATA, TOWERS_DIR_NAME  # noqa: E402
+from coldstart import store as feast_store  # noqa: E402
+from coldstart.config import Settings  # noqa: E402
+from coldstart.dev.load import item_event, new_producer, send_item  # noqa: E402
+from coldstart.dev.services import LocalRedis, free_port, wait_for_port  # noqa: E402
+from coldstart.dev.stack import LocalStack, WorkerProcess  # noqa: E402
+from encoders.export_format import TOWERS_METADATA  # noqa: E402
 
-
-# Where `coldstart data fetch` and `coldstart export-towers` keep data sets and checkpoints; read at import,
-# before the stack fixture points COLDSTART_DATA_DIR at a temporary folder of its own.
-PROJECT_DATA_DIR = Settings.from_env().data_dir
+SETTINGS = Settings.from_env()
+# Where `coldstart data fetch` and `coldstart export-towers` keep data sets and checkpoints (the stack
+# fixture gives the service a temporary data folder of its own).
+PROJECT_DATA_DIR = SETTINGS.data_dir
 
 
 def exported_towers() -> dict:
     """towers.json of the trained towers the workers serve; fails, saying how to export them, if there are none."""
-    path = Settings.from_env().onnx_dir / TOWERS_DIR_NAME / METADATA
+    path = SETTINGS.towers_dir / TOWERS_METADATA
     assert path.exists(), f"no trained towers in {path.parent}: run `coldstart export-towers` (`make test` does)"
     return json.loads(path.read_text())
 
@@ -76,11 +79,9 @@ def s3_storage():
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, redis_url):
     """Broker + Redis + Feast + one worker, serving."""
-    data_dir = tmp_path_factory.mktemp("coldstart-data")
-    os.environ["COLDSTART_DATA_DIR"] = str(data_dir)  # feature_repo reads its offline path from here
-    settings = Settings.from_env(
-        data_dir=data_dir, redis_url=redis_url, feast_project="coldstart_test",
-        offline_flush_seconds=1.0, unknown_item_wait_seconds=5.0,
+    settings = replace(
+        SETTINGS, data_dir=tmp_path_factory.mktemp("coldstart-data"), redis_url=redis_url,
+        feast_project="coldstart_test", offline_flush_seconds=1.0, unknown_item_wait_seconds=5.0,
     )
     with LocalStack(settings) as running:
         running.wait_until_serving()
@@ -120,7 +121,7 @@ def wait_readable(store, item_ids: list[str], timeout: float = 30) -> dict:
     deadline = time.monotonic() + timeout
     found: dict = {}
     while time.monotonic() < deadline:
-        found = feature_store.read_item_features(store, item_ids)
+        found = feast_store.read_item_features(store, item_ids)
         if len(found) == len(item_ids):
             return found
         time.sleep(0.1)

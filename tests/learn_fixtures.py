@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coldstart import PROJECT_ROOT
-from encoders.datasets import Interactions, content_embeddings, fetch_ml100k, load_ml100k
-from encoders.configs import encoder_config
+from coldstart.config import PROJECT_ROOT
+from encoders.training.datasets import Interactions, content_embeddings, fetch_ml100k, load_ml100k
+from encoders.training.registry import encoder_config
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,8 @@ import os
 import subprocess
 import sys
 
-from coldstart.demo import load_catalogue, pick_queries
+from coldstart.dev.catalogue import load_catalogue
+from coldstart.dev.demo import pick_queries
 
 
 def test_catalogue_is_well_formed():

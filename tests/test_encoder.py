@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from coldstart.settings import Settings
-from encoders.ceg import CEGConfig, FrozenContentEncoder, encode_with_torch, load_tokenizer
-from encoders.runtime import ensure_exported, load_content_encoder
+from encoders.training.ceg import CEGConfig, FrozenContentEncoder, encode_with_torch, load_tokenizer
+from encoders.content import OnnxContentEncoder
+from tests.conftest import SETTINGS
 from encoders.text import item_text
 
 TEXTS = [
@@ -19,8 +19,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def encoders_pair():
-    settings = Settings.from_env()
-    onnx_encoder = load_content_encoder(ensure_exported(settings.encoder_export_dir), max_batch_tokens=512)
+    onnx_encoder = OnnxContentEncoder(SETTINGS.encoder_export_dir, max_batch_tokens=512)
     config = CEGConfig()
     return onnx_encoder, FrozenContentEncoder(config), load_tokenizer(config)
 

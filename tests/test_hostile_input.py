@@ -15,13 +15,12 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from kafka.errors import MessageSizeTooLargeError
 
-from coldstart import feature_store
-from coldstart.settings import Settings
-from coldstart.stack import new_producer
-from encoders.runtime import ensure_exported, load_content_encoder
+from coldstart import store as feast_store
+from coldstart.dev.load import new_producer
+from encoders.content import OnnxContentEncoder
 from encoders.text import MAX_FIELD_CHARS, item_text
 from streams.validation import MAX_TAGS, InvalidEvent, parse_item_upload
-from tests.conftest import read_topic, unique_id, wait_readable
+from tests.conftest import SETTINGS, read_topic, unique_id, wait_readable
 from tests.hostile import hostile_events, render
 
 pytestmark = pytest.mark.reliability
@@ -31,8 +30,7 @@ MAX_SEND_BYTES = 32 * 2**20
 
 @pytest.fixture(scope="module")
 def encoder():
-    settings = Settings.from_env()
-    return load_content_encoder(ensure_exported(settings.encoder_export_dir), precision=settings.encoder_precision)
+    return OnnxContentEncoder(SETTINGS.encoder_export_dir, precision=SETTINGS.encoder_precision)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -48,7 +46,7 @@ def test_any_event_is_rejected_with_a_reason_or_fully_processable(encoder, event
     text.encode("utf-8")  # valid Unicode: Kafka, Feast and the tokenizer all need it
     vector = encoder.encode([text])[0]
     assert np.isfinite(vector).all() and abs(np.linalg.norm(vector) - 1) < 1e-3
-    frame = feature_store.item_embedding_frame(
+    frame = feast_store.item_embedding_frame(
         [item.item_id], [vector], [vector], [item.title[:200]], encoder.version, [item.uploaded_at])
     assert frame["event_timestamp"].notna().all()
 

@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 
-from encoders.runtime import OnnxContentEncoder
+from encoders.content import OnnxContentEncoder
 from encoders.text import item_text
-from encoders.tower_runtime import load_towers
+from encoders.towers import load_towers
 from tests.conftest import read_topic, unique_id, upload, wait_readable
 
 
@@ -15,7 +15,7 @@ def encode_directly(stack, item: dict) -> tuple[np.ndarray, str]:
     """The item's vector and model version computed here, without the service: CEG then item tower."""
     settings = stack.settings
     encoder = OnnxContentEncoder(settings.encoder_export_dir, precision=settings.encoder_precision)
-    towers = load_towers(settings.onnx_dir, settings.encoder_name)
+    towers = load_towers(settings.towers_dir, settings.encoder_name)
     text = item_text(item["title"], item.get("description", ""), item.get("category", ""),
                      item.get("brand", ""), item.get("tags", []), item.get("price"))
     return towers.item_vectors(encoder.encode([text]))[0], f"{encoder.version}+{towers.version}"

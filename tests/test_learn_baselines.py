@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from encoders.datasets import make_split
-from encoders.evaluate import content_scores, popularity_scores, slices_of
-from encoders.sasrec_baseline import MAX_LENGTH, sasrec_scores, write_benchmark
+from encoders.training.datasets import make_split
+from encoders.training.evaluate import content_scores, popularity_scores, slices_of
+from encoders.training.sasrec_baseline import MAX_LENGTH, sasrec_scores, write_benchmark
 from tests.learn_fixtures import ml100k  # noqa: F401  (fixture)
 
 

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 
-from coldstart import PROJECT_ROOT
-from encoders.ceg import CEGConfig
-from encoders.datasets import Interactions, content_embeddings, fetch_ml100k, load_amazon2014, make_split
+from coldstart.config import PROJECT_ROOT
+from encoders.training.ceg import CEGConfig
+from encoders.training.datasets import Interactions, content_embeddings, fetch_ml100k, load_amazon2014, make_split
 from tests.learn_fixtures import ml100k  # noqa: F401  (fixture)
 
 

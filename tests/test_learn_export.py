@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from encoders.export_towers import check_parity, export_towers, is_current
-from encoders.model import LEARN, LEARNConfig
-from encoders.tower_runtime import OnnxTowers
+from encoders.training.export_towers import check_parity, export_towers, is_current
+from encoders.training.model import LEARN, LEARNConfig
+from encoders.towers import OnnxTowers
 from tests.conftest import PROJECT_DATA_DIR, exported_towers
 from tests.learn_fixtures import ml100k, ml100k_small  # noqa: F401  (fixtures)
 

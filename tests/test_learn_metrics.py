@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from encoders.metrics import rank_metrics, target_ranks
+from encoders.training.metrics import rank_metrics, target_ranks
 
 
 def test_hand_built_ranking():

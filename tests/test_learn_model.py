@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from encoders.configs import get_config
-from encoders.datasets import make_split
-from encoders.evaluate import Paths, trained_learn
-from encoders.model import LEARN, LEARNConfig, dense_all_action_loss
-from encoders.train import train, window_batches
+from encoders.training.configs import get_config
+from encoders.training.datasets import make_split
+from encoders.training.evaluate import Paths, trained_learn
+from encoders.training.model import LEARN, LEARNConfig, dense_all_action_loss
+from encoders.training.train import train, window_batches
 from tests.learn_fixtures import ml100k, ml100k_small  # noqa: F401  (fixtures)
 
 

@@ -16,10 +16,12 @@ import pytest
 import redis
 from kafka import KafkaAdminClient
 
-from coldstart.feature_store import read_item_features
+from coldstart.store import read_item_features
 from coldstart.ranking import known_item_ids
-from coldstart.services import EmbeddedBroker, create_topics
-from coldstart.stack import LocalStack, WorkerProcess, item_event, new_producer, send_action
+from coldstart.dev.services import EmbeddedBroker
+from streams.topics import create_topics
+from coldstart.dev.load import item_event, new_producer, send_action
+from coldstart.dev.stack import LocalStack, WorkerProcess
 from tests.conftest import read_topic, restart_worker, unique_id, upload, upload_batch, wait_readable
 from tests.test_users import user_vector
 
@@ -109,11 +111,11 @@ def test_user_histories_survive_a_worker_crash(stack, producer):
 
 def expected_user_vector(stack, item_ids_oldest_first: list[str]) -> np.ndarray:
     """The user tower over these items' served content embeddings, computed here."""
-    from encoders.tower_runtime import load_towers
+    from encoders.towers import load_towers
 
     content = read_item_features(stack.store, item_ids_oldest_first, features=("content_embedding",))
     history = np.array([content[i]["content_embedding"] for i in item_ids_oldest_first], dtype=np.float32)
-    return load_towers(stack.settings.onnx_dir, stack.settings.encoder_name).user_vectors([history])[0]
+    return load_towers(stack.settings.towers_dir, stack.settings.encoder_name).user_vectors([history])[0]
 
 
 # ---- 2. online store outages -------------------------------------------------

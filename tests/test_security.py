@@ -5,10 +5,10 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,11 +17,12 @@ import pytest
 import redis
 import yaml
 
-from coldstart import PROJECT_ROOT, feature_store
-from coldstart.serving import MAX_BODY_BYTES, MAX_ENTITY_ROWS
-from coldstart.services import LocalRedis, free_port
-from coldstart.settings import Settings
-from tests.conftest import unique_id, upload, wait_readable
+from coldstart import store as feast_store
+from coldstart.config import PROJECT_ROOT, USER_PUSH_SOURCE
+from coldstart.server import MAX_BODY_BYTES, MAX_ENTITY_ROWS
+from coldstart.dev.services import LocalRedis
+from coldstart.dev.stack import FeatureServerProcess
+from tests.conftest import SETTINGS, unique_id, upload, wait_readable
 
 pytestmark = pytest.mark.reliability
 
@@ -37,24 +38,8 @@ def post(port: int, path: str, body: bytes) -> tuple[int, dict]:
 
 @pytest.fixture
 def feature_server(stack):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "coldstart.cli", "serve", "--port", str(port)],
-                              env={**os.environ, **stack.settings.as_env()},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise AssertionError("feature server did not come up")
-                time.sleep(0.5)
-        yield port
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with FeatureServerProcess(stack.settings) as server:
+        yield server.port
 
 
 def lookup(item_ids: list[str]) -> bytes:
@@ -86,10 +71,10 @@ def test_redis_auth_from_redis_url_reaches_feast(tmp_path):
     with LocalRedis(password=uuid.uuid4().hex) as server:
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=server.port).set("k", "v")
-        settings = Settings.from_env(redis_url=server.url, data_dir=tmp_path, feast_project="auth_test")
-        store = feature_store.apply(settings)
-        frame = feature_store.user_embedding_frame(["u1"], [np.ones(4)], [1], "v", [datetime.now(timezone.utc)])
-        feature_store.push_online(store, "user_embeddings_push_source", frame)
+        settings = replace(SETTINGS, redis_url=server.url, data_dir=tmp_path, feast_project="auth_test")
+        store = feast_store.apply(settings)
+        frame = feast_store.user_embedding_frame(["u1"], [np.ones(4)], [1], "v", [datetime.now(timezone.utc)])
+        feast_store.push_online(store, USER_PUSH_SOURCE, frame)
         row = store.get_online_features(features=["user_embedding:history_length"],
                                         entity_rows=[{"user_id": "u1"}]).to_dict()
         assert row["history_length"] == [1]
@@ -98,8 +83,8 @@ def test_redis_auth_from_redis_url_reaches_feast(tmp_path):
 def test_kafka_sasl_and_tls_settings_reach_the_worker_and_the_clients():
     env = {**os.environ, "KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
            "KAFKA_SASL_USERNAME": "svc-coldstart", "KAFKA_SASL_PASSWORD": "pw-from-env", "KAFKA_SSL_CAFILE": ""}
-    probe = ("from streams.app import app; from coldstart.settings import Settings; import json; "
-             "c = app.conf.broker_credentials; "
+    probe = ("from coldstart.config import Settings; from streams.app import create_app; import json; "
+             "c = create_app(Settings.from_env()).conf.broker_credentials; "
              "print(json.dumps([c.username, c.password, c.mechanism.value, c.protocol.name, "
              "Settings.from_env().kafka_client_options()]))")
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120,

@@ -1,12 +1,12 @@
-"""The towers as the stream workers load them (encoders.tower_runtime) against the torch model they came from."""
+"""The towers as the stream workers load them (encoders.towers) against the torch model they came from."""
 
 import numpy as np
 import pytest
 import torch
 
-from encoders.export_towers import export_towers
-from encoders.model import LEARN, LEARNConfig
-from encoders.tower_runtime import ContentTowers, OnnxTowers, load_towers
+from encoders.training.export_towers import export_towers
+from encoders.training.model import LEARN, LEARNConfig
+from encoders.towers import ContentTowers, OnnxTowers, load_towers
 from tests.learn_fixtures import ml100k, ml100k_small  # noqa: F401  (fixtures)
 
 
@@ -16,7 +16,7 @@ def test_workers_serve_exported_towers_with_the_torch_vectors(ml100k_small, tmp_
     model = LEARN(LEARNConfig(max_history=12), torch.from_numpy(content)).eval()
     export_towers(model, tmp_path / "towers", encoder="all-minilm-l6-v2", config_name="test", protocol="loo")
 
-    towers = load_towers(tmp_path, "all-minilm-l6-v2")
+    towers = load_towers(tmp_path / "towers", "all-minilm-l6-v2")
     assert isinstance(towers, OnnxTowers) and towers.version.startswith("test@")
     histories = [content[[3, 1, 4]], content[list(range(20))]]  # the second is longer than N: last 12 are used
     users = towers.user_vectors(histories)
@@ -32,7 +32,7 @@ def test_towers_trained_on_another_encoder_are_refused(ml100k_small, tmp_path):
     model = LEARN(LEARNConfig(max_history=4), torch.from_numpy(content)).eval()
     export_towers(model, tmp_path / "towers", encoder="smollm2-135m", config_name="test", protocol="loo")
     with pytest.raises(ValueError, match="trained on encoder 'smollm2-135m'"):
-        load_towers(tmp_path, "all-minilm-l6-v2")
+        load_towers(tmp_path / "towers", "all-minilm-l6-v2")
 
 
 def test_without_exported_towers_the_content_baseline_is_served(tmp_path):

@@ -6,19 +6,17 @@ from (encoders.datasets.ml100k_films): the service then encodes exactly that tex
 """
 
 import json
-import os
-import subprocess
-import sys
 import time
+from datetime import datetime
 import urllib.request
 
 import pytest
 
 from coldstart.ranking import UnknownUser, ranking_features, recommend
-from coldstart.services import free_port
-from coldstart.stack import WorkerProcess, send_action
-from encoders.datasets import fetch_ml100k, ml100k_films
-from encoders.evaluate import Paths
+from coldstart.dev.load import send_action
+from coldstart.dev.stack import FeatureServerProcess, WorkerProcess
+from encoders.training.datasets import fetch_ml100k, ml100k_films
+from encoders.training.evaluate import Paths
 from tests.conftest import PROJECT_DATA_DIR, exported_towers, read_topic, unique_id, upload, wait_readable
 
 ML100K = Paths(PROJECT_DATA_DIR).ml100k
@@ -74,8 +72,7 @@ def act(producer, user_id: str, items: list[dict], action: str = "click") -> Non
 
 def ranking(stack, user_id: str, candidates: list[str]) -> list[str]:
     """Every candidate's id, highest affinity to the user first."""
-    return [c.item_id for c in recommend(user_id, candidates, k=len(candidates), store=stack.store,
-                                         settings=stack.settings)]
+    return [c.item_id for c in recommend(stack.store, user_id, candidates, k=len(candidates))]
 
 
 def test_workers_serve_the_trained_towers(stack, producer, films, towers):
@@ -125,10 +122,10 @@ def test_new_actions_move_the_user_towards_what_they_now_like(stack, producer, f
     candidates = [f["item_id"] for f in horror[6:] + kids[6:]]
     act(producer, user_id, horror[:4])
     before = user_vector(stack, user_id, min_history=4)
-    top_before = recommend(user_id, candidates, k=5, store=stack.store, settings=stack.settings)
+    top_before = recommend(stack.store, user_id, candidates, k=5)
     act(producer, user_id, kids[:6], action="purchase")
     after = user_vector(stack, user_id, min_history=10)
-    top_after = recommend(user_id, candidates, k=5, store=stack.store, settings=stack.settings)
+    top_after = recommend(stack.store, user_id, candidates, k=5)
     kids_ids = {f["item_id"] for f in kids}
     assert after["user_embedding"] != before["user_embedding"]
     assert sum(c.item_id in kids_ids for c in top_after) > sum(c.item_id in kids_ids for c in top_before), (
@@ -176,6 +173,25 @@ def test_action_on_an_item_never_uploaded_is_dead_lettered_after_the_wait(stack,
     assert letter["topic"] == "user-actions" and "never uploaded" in letter["reason"]
 
 
+def test_the_wait_for_a_never_uploaded_item_survives_a_worker_restart(stack, producer, items):
+    """The deadline lives in the waiting-items table: the restarted worker gives up on time, with no new action."""
+    user_id, ghost = unique_id("ghost-restart"), unique_id("never-uploaded")
+    act(producer, user_id, items[:1])
+    sent_at = time.time()
+    act(producer, user_id, [{"item_id": ghost}])
+    user_vector(stack, user_id, min_history=1)
+    time.sleep(1.5)  # the action is in the history, its deadline in the table's changelog
+    stack.worker.stop()
+    assert time.time() - sent_at < stack.settings.unknown_item_wait_seconds  # stopped before the deadline
+    stack.worker = WorkerProcess(stack.settings).start()
+    letters = read_topic(stack.settings, "dead-letters", timeout=stack.settings.unknown_item_wait_seconds + 60,
+                         until=lambda rs: any(ghost in r["reason"] for r in rs))
+    letter = next(r for r in letters if ghost in r["reason"])
+    assert letter["topic"] == "user-actions" and "never uploaded" in letter["reason"]
+    given_up_after = datetime.fromisoformat(letter["received_at"]).timestamp() - sent_at
+    assert given_up_after < stack.settings.unknown_item_wait_seconds + 30, given_up_after  # the restart's delay at most
+
+
 def test_bad_actions_go_to_dead_letters(stack, producer):
     bad = json.dumps({"user_id": unique_id(), "item_id": "x", "action": "teleport",
                       "occurred_at": "2026-01-01T00:00:00Z"}).encode()
@@ -186,43 +202,29 @@ def test_bad_actions_go_to_dead_letters(stack, producer):
 
 
 def test_read_path_answers_unknown_user_unknown_item_and_empty_list_clearly(stack, items):
-    features = ranking_features(unique_id("nobody"), [items[0]["item_id"], "no-such-item"], stack.store)
+    features = ranking_features(stack.store, unique_id("nobody"), [items[0]["item_id"], "no-such-item"])
     assert features.user_embedding is None
     assert features.candidates[0].item_embedding is not None and features.candidates[0].affinity is None
     assert features.candidates[1].item_embedding is None and features.candidates[1].affinity is None
     with pytest.raises(UnknownUser, match="no vector yet"):
-        recommend(unique_id("nobody"), [items[0]["item_id"]], store=stack.store, settings=stack.settings)
+        recommend(stack.store, unique_id("nobody"), [items[0]["item_id"]])
     with pytest.raises(ValueError, match="candidate list is empty"):
-        ranking_features("anyone", [], stack.store)
+        ranking_features(stack.store, "anyone", [])
 
 
 def test_http_feature_server_answers_a_ranking_lookup(stack, producer, items):
     user_id = unique_id("http")
     act(producer, user_id, items[:2])
     user_vector(stack, user_id, min_history=2)
-    port = free_port()
-    env = {**os.environ, **stack.settings.as_env()}
-    server = subprocess.Popen([sys.executable, "-m", "coldstart.cli", "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with FeatureServerProcess(stack.settings) as server:
         body = json.dumps({"feature_service": "ranking_v1",
                            "entities": {"user_id": [user_id] * 3, "item_id": [i["item_id"] for i in items[:3]]}})
-        response = None
-        deadline = time.monotonic() + 60
-        while response is None and time.monotonic() < deadline:
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/get-online-features", body.encode(),
-                                                 {"Content-Type": "application/json"})
-                response = json.loads(urllib.request.urlopen(request, timeout=5).read())
-            except OSError:
-                time.sleep(0.5)
-        assert response is not None, "feature server did not answer"
+        request = urllib.request.Request(f"{server.url}/get-online-features", body.encode(),
+                                         {"Content-Type": "application/json"})
+        response = json.loads(urllib.request.urlopen(request, timeout=30).read())
         names = response["metadata"]["feature_names"]
         affinity = response["results"][names.index("affinity")]["values"]
         assert len(affinity) == 3 and all(isinstance(a, float) for a in affinity)
         # the Python API computes the affinity itself (numpy); it must agree with the on-demand view
-        sdk = ranking_features(user_id, [i["item_id"] for i in items[:3]], stack.store)
+        sdk = ranking_features(stack.store, user_id, [i["item_id"] for i in items[:3]])
         assert [c.affinity for c in sdk.candidates] == pytest.approx(affinity, abs=1e-5)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

@@ -250,7 +250,7 @@ def content_embeddings(texts: list[str], config, cache_dir: Path, batch_size: in
     path = Path(cache_dir) / (content_cache_key(config.name, texts, **settings) + ".npy")
     if path.exists():
         return np.load(path)
-    from encoders.ceg import FrozenContentEncoder, encode_with_torch, load_tokenizer
+    from encoders.training.ceg import FrozenContentEncoder, encode_with_torch, load_tokenizer
 
     encoder, tokenizer = FrozenContentEncoder(config), load_tokenizer(config)
     order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths together: less padding

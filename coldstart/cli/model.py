@@ -1,8 +1,9 @@
-"""Click commands of the LEARN model: `data fetch`, `train`, `evaluate`, `export-towers`.
+"""Commands of the model (torch, encoders.training): `export`, `data fetch`, `train`, `evaluate`, `export-towers`.
 
-Registered on the `coldstart` group in coldstart/cli.py. Everything they fetch,
+Registered on the `coldstart` group in coldstart/cli. Everything they fetch,
 cache or train goes under COLDSTART_DATA_DIR (default: data/, git-ignored);
-towers are exported to COLDSTART_ONNX_DIR/towers (default: onnx/towers/).
+the encoder is exported to COLDSTART_ONNX_DIR/<COLDSTART_ENCODER>, the towers
+to COLDSTART_ONNX_DIR/towers (default: onnx/).
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ from pathlib import Path
 
 import click
 
+from coldstart.config import Settings
+
 log = logging.getLogger(__name__)
 
 PROTOCOL_CHOICE = click.Choice(["loo", "cold", "both"])
-CONFIG_HELP = "A named config of encoders/configs.py (default: its DEFAULT, learn-minilm)."
+CONFIG_HELP = "A named config of encoders/training/configs.py (default: its DEFAULT, learn-minilm)."
 
 
 def _config(name: str | None):
     """The named config (imported here: torch loads only for commands that need it)."""
-    from encoders.configs import DEFAULT, get_config
+    from encoders.training.configs import DEFAULT, get_config
 
     try:
         return get_config(name or DEFAULT)
@@ -30,11 +33,35 @@ def _config(name: str | None):
         raise click.BadParameter(str(unknown), param_hint="--config")
 
 
-def _paths():
-    from coldstart.settings import Settings
-    from encoders.evaluate import Paths
+def _paths(settings: Settings):
+    from encoders.training.evaluate import Paths
 
-    return Paths(Settings.from_env().data_dir)
+    return Paths(settings.data_dir)
+
+
+@click.command()
+@click.option("--model-path", default="", help="Hugging Face checkpoint folder (default: COLDSTART_ENCODER_PATH, "
+                                               "else the checkpoint the encoder registry knows by COLDSTART_ENCODER).")
+@click.option("--force", is_flag=True, help="Export again even if a current export exists.")
+@click.pass_obj
+def export(settings: Settings, model_path: str, force: bool) -> None:
+    """Export the frozen content encoder COLDSTART_ENCODER (LM + mean pooling) to ONNX and check parity with torch."""
+    from encoders.export_format import encoder_export_is_current
+    from encoders.training.ceg import check_parity, export_onnx
+    from encoders.training.registry import UnknownEncoder, encoder_config
+
+    out_dir = settings.encoder_export_dir
+    if encoder_export_is_current(out_dir) and not force:
+        click.echo(f"encoder already exported in {out_dir} (--force to redo)")
+        return
+    try:
+        config = encoder_config(settings.encoder_name, model_path or settings.encoder_model_path)
+    except UnknownEncoder as err:
+        raise click.ClickException(str(err)) from None
+    export_onnx(config, out_dir)
+    parity = {precision: check_parity(config, out_dir, precision=precision) for precision in ("fp32", "int8")}
+    click.echo(f"exported {config.name} to {out_dir}; min cosine to torch: "
+               + ", ".join(f"{p} {c:.4f}" for p, c in parity.items()))
 
 
 @click.group()
@@ -43,11 +70,12 @@ def data() -> None:
 
 
 @data.command()
-def fetch() -> None:
+@click.pass_obj
+def fetch(settings: Settings) -> None:
     """Fetch MovieLens-100K from the recbole==1.2.1 wheel (package index only), checksum-verified."""
-    from encoders.datasets import fetch_ml100k, load_ml100k
+    from encoders.training.datasets import fetch_ml100k, load_ml100k
 
-    folder = fetch_ml100k(_paths().ml100k)
+    folder = fetch_ml100k(_paths(settings).ml100k)
     loaded = load_ml100k(folder)
     click.echo(f"{loaded.name} in {folder}: {len(loaded.user_ids)} users, {loaded.num_items} items, "
                f"{loaded.num_interactions} interactions")
@@ -57,13 +85,14 @@ def fetch() -> None:
 @click.option("--config", "config_name", default=None, help=CONFIG_HELP)
 @click.option("--protocol", type=PROTOCOL_CHOICE, default="both", show_default=True,
               help="Split to train on: 'loo' (all items) and/or 'cold' (20% of items held out).")
-def train(config_name: str, protocol: str) -> None:
+@click.pass_obj
+def train(settings: Settings, config_name: str, protocol: str) -> None:
     """Train LEARN's towers with a named config; the best epoch is checkpointed under data/checkpoints/."""
-    from encoders.configs import encoder_config
-    from encoders.datasets import content_embeddings, make_split
-    from encoders.evaluate import load_dataset, trained_learn
+    from encoders.training.registry import encoder_config
+    from encoders.training.datasets import content_embeddings, make_split
+    from encoders.training.evaluate import load_dataset, trained_learn
 
-    paths = _paths()
+    paths = _paths(settings)
     config = _config(config_name)
     loaded = load_dataset(paths)
     content = content_embeddings(loaded.item_texts, encoder_config(config.encoder), paths.content_cache)
@@ -89,13 +118,14 @@ def train(config_name: str, protocol: str) -> None:
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Folder for the PNG plots and results.json (default: data/eval/).")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON object on the last line.")
-def evaluate(config_name: str, extras: tuple[str, ...], sasrec: str, protocol: str, retrain: bool, plots_dir: Path | None,
+@click.pass_obj
+def evaluate(settings: Settings, config_name: str, extras: tuple[str, ...], sasrec: str, protocol: str, retrain: bool, plots_dir: Path | None,
              as_json: bool) -> None:
     """Score LEARN, SASRec, popularity and raw content on ML-100K: protocols loo and cold."""
-    from encoders.evaluate import PROTOCOLS, format_table, plot
-    from encoders.evaluate import evaluate as run_evaluation
+    from encoders.training.evaluate import PROTOCOLS, format_table, plot
+    from encoders.training.evaluate import evaluate as run_evaluation
 
-    paths = _paths()
+    paths = _paths(settings)
     started = time.time()
     config, extras = _config(config_name), [_config(name) for name in extras]
     report = run_evaluation(paths, config.name, tuple(c.name for c in extras), sasrec=sasrec,
@@ -116,22 +146,22 @@ def evaluate(config_name: str, extras: tuple[str, ...], sasrec: str, protocol: s
               help="Which trained checkpoint to export ('loo' has trained on every item).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Export folder (default: COLDSTART_ONNX_DIR/towers).")
-def export_towers(config_name: str, protocol: str, out_dir: Path | None) -> None:
+@click.pass_obj
+def export_towers(settings: Settings, config_name: str, protocol: str, out_dir: Path | None) -> None:
     """Write the user and item towers to ONNX (+ towers.json) and check parity with torch.
 
     Trains the config first if it has no checkpoint; does nothing if out_dir already holds this checkpoint's towers."""
-    from coldstart.settings import Settings
-    from encoders.configs import encoder_config
-    from encoders.datasets import content_embeddings, file_sha256, make_split
-    from encoders.evaluate import current_history, load_dataset, trained_learn
-    from encoders.export_towers import check_parity, is_current
-    from encoders.export_towers import export_towers as export
-    from encoders.tower_runtime import METADATA
-    from encoders.train import CHECKPOINT
+    from encoders.export_format import TOWERS_METADATA
+    from encoders.training.datasets import content_embeddings, file_sha256, make_split
+    from encoders.training.evaluate import current_history, load_dataset, trained_learn
+    from encoders.training.export_towers import check_parity, is_current
+    from encoders.training.export_towers import export_towers as write_towers
+    from encoders.training.registry import encoder_config
+    from encoders.training.train import CHECKPOINT
 
-    paths = _paths()
+    paths = _paths(settings)
     config = _config(config_name)
-    out_dir = out_dir or Settings.from_env().onnx_dir / "towers"
+    out_dir = out_dir or settings.towers_dir
     loaded = load_dataset(paths)
     run_dir = paths.run_dir(loaded.name, config.name, protocol)
     checkpoint = run_dir / CHECKPOINT
@@ -142,12 +172,12 @@ def export_towers(config_name: str, protocol: str, out_dir: Path | None) -> None
     content = content_embeddings(loaded.item_texts, encoder_config(config.encoder), paths.content_cache)
     split = make_split(loaded, protocol, config.cold_fraction, config.seed)
     run = trained_learn(config, loaded, split, content, paths)
-    export(run.model, out_dir, encoder_config(config.encoder).name, config.name, protocol, file_sha256(checkpoint))
+    write_towers(run.model, out_dir, encoder_config(config.encoder).name, config.name, protocol, file_sha256(checkpoint))
     worst = check_parity(run.model, out_dir, content)
     click.echo(f"towers of {config.name} [{protocol}] exported to {out_dir}; parity with torch: min cosine {worst:.6f}")
     if worst < 0.999:
-        (out_dir / METADATA).unlink()  # not current: the next run exports again
+        (out_dir / TOWERS_METADATA).unlink()  # not current: the next run exports again
         raise click.ClickException(f"ONNX towers disagree with torch (min cosine {worst:.6f} < 0.999)")
 
 
-COMMANDS = [data, train, evaluate, export_towers]
+COMMANDS = [export, data, train, evaluate, export_towers]

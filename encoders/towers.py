@@ -14,14 +14,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from encoders.runtime import pick_providers
+from encoders.export_format import ITEM_TOWER_ONNX, TOWERS_METADATA, USER_TOWER_ONNX
+from encoders.sessions import open_session
 
 log = logging.getLogger(__name__)
-
-TOWERS_DIR_NAME = "towers"
-USER_ONNX, ITEM_ONNX, METADATA = "user_tower.onnx", "item_tower.onnx", "towers.json"  # written by export_towers
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -42,17 +39,16 @@ class ContentTowers:
 
 
 class OnnxTowers:
-    """Trained PCH towers exported by encoders.export_towers (the interface is described there).
+    """Trained PCH towers exported by encoders.training.export_towers (the interface is described there).
     User tower input: history (B, N, D) oldest first, right-padded, with a mask."""
 
-    def __init__(self, towers_dir: Path):
-        self.metadata = json.loads((towers_dir / METADATA).read_text())
+    def __init__(self, towers_dir: Path, threads: int = 0):
+        self.metadata = json.loads((towers_dir / TOWERS_METADATA).read_text())
         self.version: str = self.metadata["version"]
         self.max_history: int = self.metadata["max_history"]
         self.content_dim: int = self.metadata["content_dim"]
-        providers = pick_providers()
-        self.item_session = ort.InferenceSession(str(towers_dir / ITEM_ONNX), providers=providers)
-        self.user_session = ort.InferenceSession(str(towers_dir / USER_ONNX), providers=providers)
+        self.item_session = open_session(towers_dir / ITEM_TOWER_ONNX, threads)
+        self.user_session = open_session(towers_dir / USER_TOWER_ONNX, threads)
 
     def item_vectors(self, content: np.ndarray) -> np.ndarray:
         (vectors,) = self.item_session.run(["item_embedding"], {"content_embedding": content.astype(np.float32)})
@@ -69,10 +65,11 @@ class OnnxTowers:
         return vectors  # (B, D_out)
 
 
-def load_towers(onnx_dir: Path, encoder_name: str):
-    towers_dir = Path(onnx_dir) / TOWERS_DIR_NAME
-    if (towers_dir / METADATA).exists():
-        towers = OnnxTowers(towers_dir)
+def load_towers(towers_dir: Path, encoder_name: str, threads: int = 0):
+    """The trained towers in towers_dir, or the content baseline if none were exported there."""
+    towers_dir = Path(towers_dir)
+    if (towers_dir / TOWERS_METADATA).exists():
+        towers = OnnxTowers(towers_dir, threads)
         trained_on = towers.metadata.get("encoder")
         if trained_on != encoder_name:
             raise ValueError(f"towers in {towers_dir} were trained on encoder {trained_on!r}, the service runs {encoder_name!r}")

@@ -71,15 +71,8 @@ async def _refuse(send, status: int, detail: str) -> None:
 def serve(store, host: str, port: int) -> None:
     """Run the read-only feature server (one process; scale with more processes behind a proxy)."""
     import uvicorn
-    from feast.feature_server import get_app
-    from feast.permissions.server.utils import (
-        ServerType,
-        init_auth_manager,
-        init_security_manager,
-        str_to_auth_manager_type,
-    )
 
-    auth_type = str_to_auth_manager_type(store.config.auth_config.type)  # as Feast's own `serve` sets up
-    init_security_manager(auth_type=auth_type, fs=store)
-    init_auth_manager(auth_type=auth_type, server_type=ServerType.REST, auth_config=store.config.auth_config)
-    uvicorn.run(ReadOnlyLimits(get_app(store)), host=host, port=port, timeout_keep_alive=5, limit_concurrency=64)
+    from coldstart.store import feature_server_app
+
+    uvicorn.run(ReadOnlyLimits(feature_server_app(store)), host=host, port=port, timeout_keep_alive=5,
+                limit_concurrency=64)

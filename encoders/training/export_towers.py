@@ -34,8 +34,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from encoders.model import LEARN
-from encoders.tower_runtime import ITEM_ONNX, METADATA, USER_ONNX, OnnxTowers
+from encoders.training.model import LEARN
+from encoders.export_format import ITEM_TOWER_ONNX, TOWERS_METADATA, USER_TOWER_ONNX
+from encoders.towers import OnnxTowers
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,9 @@ def export_towers(model: LEARN, out_dir: Path, encoder: str, config_name: str, p
     mask[1, 7:] = 0
     exports = [
         (UserTowerGraph(model).eval(), (history, mask), ["history", "history_mask"], "user_embedding",
-         ({0: batch}, {0: batch}), USER_ONNX),
+         ({0: batch}, {0: batch}), USER_TOWER_ONNX),
         (ItemTowerGraph(model).eval(), (torch.randn(3, c),), ["content_embedding"], "item_embedding",
-         ({0: batch},), ITEM_ONNX),
+         ({0: batch},), ITEM_TOWER_ONNX),
     ]
     digest = hashlib.sha256()
     for graph, args, inputs, output, shapes, filename in exports:
@@ -92,22 +93,22 @@ def export_towers(model: LEARN, out_dir: Path, encoder: str, config_name: str, p
         "padding": "right", "mask_dtype": "int64", "encoder": encoder,
         "config": config_name, "protocol": protocol, "checkpoint_sha256": checkpoint_sha256, "version": f"{config_name}@{digest.hexdigest()[:12]}",
     }
-    (out_dir / METADATA).write_text(json.dumps(metadata, indent=2))
+    (out_dir / TOWERS_METADATA).write_text(json.dumps(metadata, indent=2))
     return out_dir
 
 
 def is_current(out_dir: Path, config_name: str, protocol: str, checkpoint_sha256: str) -> bool:
     """Whether out_dir already holds the towers exported from exactly this checkpoint."""
-    if not all((out_dir / name).exists() for name in (USER_ONNX, ITEM_ONNX, METADATA)):
+    if not all((out_dir / name).exists() for name in (USER_TOWER_ONNX, ITEM_TOWER_ONNX, TOWERS_METADATA)):
         return False
-    metadata = json.loads((out_dir / METADATA).read_text())
+    metadata = json.loads((out_dir / TOWERS_METADATA).read_text())
     exported = metadata["config"], metadata["protocol"], metadata.get("checkpoint_sha256")
     return exported == (config_name, protocol, checkpoint_sha256)
 
 
 @torch.no_grad()
 def check_parity(model: LEARN, export_dir: Path, content: np.ndarray, seed: int = 0) -> float:
-    """Minimum cosine between torch and the towers as the workers load them (encoders.tower_runtime),
+    """Minimum cosine between torch and the towers as the workers load them (encoders.towers),
     over real content rows and ragged histories."""
     model = model.cpu().eval()
     towers = OnnxTowers(Path(export_dir))

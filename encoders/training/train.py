@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from encoders.configs import TrainConfig
-from encoders.datasets import Split
-from encoders.metrics import rank_metrics, target_ranks
-from encoders.model import LEARN, LEARNConfig, dense_all_action_loss
+from encoders.training.configs import TrainConfig
+from encoders.training.datasets import Split
+from encoders.training.metrics import rank_metrics, target_ranks
+from encoders.training.model import LEARN, LEARNConfig, dense_all_action_loss
 
 log = logging.getLogger(__name__)
 

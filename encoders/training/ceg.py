@@ -1,7 +1,8 @@
 """CEG — Content Embedding Generation: a frozen language model, mean-pooled.
 
 The torch module here is the reference implementation; the service runs the
-same function exported to ONNX (see `export_onnx`, and `encoders.runtime`).
+same function exported to ONNX (see `export_onnx`, and `encoders.content`).
+Encoders are named in one place, encoders.training.registry.
 """
 
 from __future__ import annotations
@@ -9,14 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from encoders.runtime import METADATA_FILE, ONNX_FILE, ONNX_FILES
+from encoders.export_format import (
+    ENCODER_COMPLETE,
+    ENCODER_FORMAT,
+    ENCODER_METADATA,
+    ENCODER_ONNX,
+    TOKENIZER_FILE,
+    encoder_export_is_current,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,6 @@ class FrozenContentEncoder(torch.nn.Module):
         assert config.pooling == "mean", f"unsupported pooling {config.pooling!r}"
         from transformers import AutoModel
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.config = config
         self.language_model = AutoModel.from_pretrained(
             config.resolved_model_path(), gguf_file=config.gguf_file or None
@@ -72,7 +78,6 @@ class FrozenContentEncoder(torch.nn.Module):
 def load_tokenizer(config: CEGConfig):
     from transformers import AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(config.resolved_model_path(), gguf_file=config.gguf_file or None)
     if tokenizer.pad_token is None:  # decoder-only models ship without one
         tokenizer.pad_token = tokenizer.eos_token
@@ -100,8 +105,7 @@ def encode_with_torch(
 def export_onnx(config: CEGConfig, out_dir: Path) -> Path:
     """Export the whole CEG function (LM + pooling) with dynamic batch and sequence axes.
 
-    Writes model.onnx, the tokenizer files and encoder.json (pooling, dim,
-    max_tokens, version) into out_dir, and returns out_dir.
+    Writes what encoders.export_format describes into out_dir, and returns out_dir.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     encoder = FrozenContentEncoder(config)
@@ -109,8 +113,8 @@ def export_onnx(config: CEGConfig, out_dir: Path) -> Path:
     dummy = tokenizer(["a short item", "a slightly longer item title"], padding=True, return_tensors="pt")
     batch = torch.export.Dim("batch", min=1, max=4096)
     sequence = torch.export.Dim("sequence", min=1, max=config.max_tokens)
-    onnx_path = out_dir / ONNX_FILE
-    tmp_path = out_dir / (ONNX_FILE + ".tmp")
+    onnx_path = out_dir / ENCODER_COMPLETE
+    tmp_path = out_dir / (ENCODER_COMPLETE + ".tmp")
     log.info("exporting %s to %s", config.resolved_model_path(), onnx_path)
     torch.onnx.export(
         encoder,
@@ -124,17 +128,20 @@ def export_onnx(config: CEGConfig, out_dir: Path) -> Path:
         dynamo=True,
         verbose=False,
     )
-    tokenizer.save_pretrained(out_dir)
-    int8_path = out_dir / ONNX_FILES["int8"]
+    tokenizer.save_pretrained(out_dir)  # tokenizer.json among them: the runtime reads it with `tokenizers`
+    assert (out_dir / TOKENIZER_FILE).exists(), f"{config.name}: no fast tokenizer (tokenizer.json) to export"
+    int8_path = out_dir / ENCODER_ONNX["int8"]
     quantize_int8(tmp_path, int8_path)
     metadata = {
+        "format": ENCODER_FORMAT,
         **asdict(config),
         "model_path": str(config.resolved_model_path()),
         "dim": encoder.dim,
+        "pad_token_id": tokenizer.pad_token_id,
         # model version per precision: name @ hash of the graph that produced the vector
         "versions": {"fp32": f"{config.name}@{_digest(tmp_path)}", "int8": f"{config.name}-int8@{_digest(int8_path)}"},
     }
-    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    (out_dir / ENCODER_METADATA).write_text(json.dumps(metadata, indent=2))
     tmp_path.replace(onnx_path)  # last: a present model.onnx means a complete export
     return out_dir
 
@@ -170,7 +177,7 @@ def _digest(path: Path) -> str:
 
 def check_parity(config: CEGConfig, export_dir: Path, texts: list[str] | None = None, precision: str = "fp32") -> float:
     """Minimum cosine between an ONNX export and torch over sample texts (1.0 is perfect)."""
-    from encoders.runtime import OnnxContentEncoder
+    from encoders.content import OnnxContentEncoder
 
     texts = texts or [
         "The Joy of Cooking. Category: cookbooks. A classic American kitchen reference.",
@@ -181,3 +188,11 @@ def check_parity(config: CEGConfig, export_dir: Path, texts: list[str] | None = 
     onnx_vectors = OnnxContentEncoder(export_dir, precision=precision).encode(texts)
     torch_vectors = encode_with_torch(FrozenContentEncoder(config), load_tokenizer(config), texts).numpy()
     return float((onnx_vectors * torch_vectors).sum(axis=1).min())  # both are L2-normalised
+
+
+def ensure_exported(config: CEGConfig, export_dir: Path) -> Path:
+    """Export the encoder into export_dir unless a complete export of the current format is there."""
+    if not encoder_export_is_current(export_dir):
+        log.warning("no current export of %s in %s; exporting it now (once)", config.name, export_dir)
+        export_onnx(config, Path(export_dir))
+    return Path(export_dir)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from coldstart import PROJECT_ROOT
-from encoders.datasets import Interactions, Split
+from encoders.training.datasets import Interactions, Split
 
 log = logging.getLogger(__name__)
 

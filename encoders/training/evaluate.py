@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from encoders.configs import DEFAULT, TrainConfig, encoder_config, get_config
-from encoders.datasets import Interactions, Split, content_embeddings, fetch_ml100k, load_ml100k, make_split
-from encoders.metrics import KS, rank_metrics, target_ranks
-from encoders.train import CHECKPOINT, HISTORY, load_checkpoint, pick_device, score_all, train
+from encoders.training.configs import DEFAULT, TrainConfig, get_config
+from encoders.training.registry import encoder_config
+from encoders.training.datasets import Interactions, Split, content_embeddings, fetch_ml100k, load_ml100k, make_split
+from encoders.training.metrics import KS, rank_metrics, target_ranks
+from encoders.training.train import CHECKPOINT, HISTORY, load_checkpoint, pick_device, score_all, train
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def evaluate(
         record("pop", popularity_scores(split, users))
         record("content", content_scores(contents[configs[0].encoder], histories))
         if sasrec != "off":
-            from encoders.sasrec_baseline import sasrec_scores
+            from encoders.training.sasrec_baseline import sasrec_scores
 
             t = time.time()
             try:

@@ -1,0 +1,199 @@
+"""`coldstart` — the command line: the top layer, and the edge where settings are read.
+
+`main` reads the settings from the environment once and hands them to every
+command (click's context object); nothing below reads the environment.
+Service commands are here; the model's (export, data, train, evaluate,
+export-towers) in coldstart.cli.model; the benchmarks in coldstart.dev.bench.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import click
+
+from coldstart.config import Settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network at run time: models come from packages
+
+
+class CommandsByModule(click.Group):
+    """A group whose other commands are imported only when named (or listed by --help).
+
+    `coldstart worker` must not import the benchmarks: they import the dev stack, and
+    with it Feast, before the worker can keep torch out (without_torch).
+    """
+
+    MODULE_COMMANDS = {
+        "coldstart.cli.model": ("export", "data", "train", "evaluate", "export-towers"),
+        "coldstart.dev.bench": ("bench",),
+    }
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *(n for names in self.MODULE_COMMANDS.values() for n in names)])
+
+    def get_command(self, ctx, name):
+        for module, names in self.MODULE_COMMANDS.items():
+            if name in names:
+                commands = importlib.import_module(module).COMMANDS
+                return next(c for c in commands if c.name == name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=CommandsByModule, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """Real-time cold-start embeddings (LEARN) served through a Feast online store.
+
+    Settings come from environment variables (see README.md, "Configuration").
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        ctx.obj = Settings.from_env()
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+
+
+def without_torch() -> None:
+    """Keep torch out of a serving process (worker, HTTP server), even where it is installed.
+
+    `import feast` tries `import torch` (feast.torch_wrapper, for tensor responses
+    we never ask for) and carries on when that fails: about 1 s and hundreds of MB
+    saved per process. Must run before anything imports Feast; the serving code
+    itself never imports torch (.importlinter). Pinned by tests/test_library_internals.py.
+    """
+    if sys.modules.get("torch") is not None:
+        raise RuntimeError("torch is already loaded in this serving process")
+    sys.modules["torch"] = None  # a None entry makes `import torch` raise ImportError
+
+
+@main.command()
+@click.option("--port", type=int, default=9092, show_default=True, help="Port to listen on (127.0.0.1).")
+@click.option("--storage", default="memory://tansu/", show_default=True,
+              help="tansu storage engine: memory:// loses everything on stop; s3://bucket/ is durable.")
+@click.pass_obj
+def broker(settings: Settings, port: int, storage: str) -> None:
+    """Run the embedded Kafka-protocol broker (tansu) with every topic created, until Ctrl-C."""
+    from dataclasses import replace
+
+    from coldstart.dev.services import EmbeddedBroker
+    from streams.topics import create_topics
+
+    with EmbeddedBroker(port=port, storage_engine=storage) as running:
+        create_topics(replace(settings, kafka_bootstrap=running.bootstrap))
+        click.echo(f"broker ready on {running.bootstrap} (KAFKA_BOOTSTRAP_SERVERS={running.bootstrap}); Ctrl-C stops it")
+        try:
+            running.process.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command("create-topics")
+@click.pass_obj
+def create_topics(settings: Settings) -> None:
+    """Create every topic on KAFKA_BOOTSTRAP_SERVERS with COLDSTART_TOPIC_PARTITIONS partitions (idempotent)."""
+    from streams.topics import TOPICS, create_topics as create
+
+    create(settings)
+    click.echo(f"topics {', '.join(TOPICS)} exist on {settings.kafka_bootstrap}")
+
+
+@main.command()
+@click.pass_obj
+def apply(settings: Settings) -> None:
+    """Register the feature repo (feature_repo/) in Feast with the current settings."""
+    from coldstart import store
+
+    store.apply(settings)
+    click.echo(f"applied feature repo to project {settings.feast_project!r} (online store {settings.redis_url})")
+
+
+@main.command()
+@click.option("--start", type=click.DateTime(), default=None, help="Earliest event time to load (default: everything).")
+@click.option("--end", type=click.DateTime(), default=None, help="Latest event time to load (default: now).")
+@click.pass_obj
+def materialize(settings: Settings, start, end) -> None:
+    """Rebuild the online store (Redis) from the offline parquet store (`feast materialize`)."""
+    from datetime import datetime, timezone
+
+    from coldstart import store
+
+    start = (start or datetime(1970, 1, 1)).replace(tzinfo=timezone.utc)
+    end = (end or datetime.now(timezone.utc)).replace(tzinfo=timezone.utc)
+    store.open_store(settings).materialize(start_date=start, end_date=end)
+    click.echo(f"materialized {start:%Y-%m-%d %H:%M} … {end:%Y-%m-%d %H:%M} into the online store")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 inside a container).")
+@click.option("--port", type=int, default=6566, show_default=True)
+@click.pass_obj
+def serve(settings: Settings, host: str, port: int) -> None:
+    """Run the read-only HTTP feature server (Feast's): POST /get-online-features, GET /health."""
+    without_torch()
+    from coldstart import store
+    from coldstart.server import serve as serve_http
+
+    serve_http(store.open_store(settings), host, port)
+
+
+@main.command()
+@click.argument("user_id")
+@click.option("--candidates", default="", help="Comma-separated item ids to rank (default: every known item).")
+@click.option("-k", type=int, default=10, show_default=True, help="How many items to print.")
+@click.option("--json", "as_json", is_flag=True, help="Print the ranking as one JSON object.")
+@click.pass_obj
+def recommend(settings: Settings, user_id: str, candidates: str, k: int, as_json: bool) -> None:
+    """Rank items for a user by affinity (user·item cosine) and print the top ones with titles."""
+    import json
+
+    from coldstart.ranking import UnknownUser, recommend as rank
+    from coldstart.store import open_store
+
+    try:
+        top = rank(open_store(settings), user_id, [c for c in candidates.split(",") if c] if candidates else None, k)
+    except (UnknownUser, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    if as_json:
+        click.echo(json.dumps({"user_id": user_id, "items": [
+            {"item_id": c.item_id, "title": c.title, "affinity": c.affinity} for c in top]}))
+        return
+    for rank_no, c in enumerate(top, 1):
+        click.echo(f"{rank_no:>3}. {c.affinity:.3f}  {c.title or ''}  ({c.item_id})")
+
+
+@main.command()
+@click.option("--loglevel", default="info", show_default=True)
+@click.pass_obj
+def worker(settings: Settings, loglevel: str) -> None:
+    """Run the stream worker (faust): item-uploads and user-actions → embeddings → Feast."""
+    without_torch()
+    from encoders.export_format import ExportMissing
+    from streams.app import create_app
+
+    try:
+        app = create_app(settings)
+    except ExportMissing as missing:
+        raise click.ClickException(str(missing)) from None
+    sys.argv = ["coldstart worker", "worker", "--loglevel", loglevel, "--without-web"]
+    app.main()
+
+
+@main.command()
+@click.option("--rate", type=float, default=50.0, show_default=True, help="Uploads per second.")
+@click.option("--items", "limit", type=int, default=0, help="Upload only the first N catalogue items (0: all).")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for every item.")
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON object on the last line.")
+@click.pass_obj
+def demo(settings: Settings, rate: float, limit: int, timeout: float, as_json: bool) -> None:
+    """Start broker, Redis and a worker; upload the catalogue; measure upload-to-readable latency."""
+    from coldstart.dev.demo import run_demo
+
+    sys.exit(0 if run_demo(settings, rate=rate, limit=limit, timeout=timeout, as_json=as_json) else 1)

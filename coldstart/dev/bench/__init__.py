@@ -1,0 +1,23 @@
+"""`coldstart bench …`: where the time goes, measured side by side in one run; one module per benchmark.
+
+Each sub-benchmark prints a table and, with --json, one JSON object on its last
+line. Absolute times drift on shared machines; read the ratios. Results go in
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import click
+
+from coldstart.dev.bench import actions, burst, encoder, lookup, pipeline
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: encoder, pipeline, lookup, actions, burst. Results go in BENCHMARKS.md."""
+
+
+for _module in (encoder, pipeline, lookup, actions, burst):
+    bench.add_command(getattr(_module, _module.__name__.rsplit(".", 1)[1]))
+
+COMMANDS = [bench]  # what coldstart.cli registers from this module

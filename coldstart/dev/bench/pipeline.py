@@ -1,0 +1,96 @@
+"""`coldstart bench pipeline`: upload-to-readable latency under fixed loads, and throughput at saturation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from coldstart.config import Settings
+from coldstart.dev.bench.common import (
+    PLOTS_DIR,
+    bench_stack,
+    emit,
+    items_per_s,
+    machine,
+    phase_row,
+    unique_items,
+)
+from coldstart.dev.catalogue import catalogue_texts, load_catalogue
+from coldstart.dev.load import upload_at_rate
+from coldstart.dev.watchers import ReadabilityWatcher
+from encoders.content import OnnxContentEncoder
+
+
+@click.command()
+@click.option("--rates", default="10,25,50,100,200", show_default=True, help="Offered uploads/s, each for --seconds.")
+@click.option("--seconds", type=float, default=10.0, show_default=True, help="How long each rate is offered.")
+@click.option("--saturation-items", type=int, default=1500, show_default=True,
+              help="Items sent as fast as possible to measure sustained throughput (0: skip).")
+@click.option("--plot/--no-plot", default=True, show_default=True, help=f"Write {PLOTS_DIR.name}/bench_pipeline.png.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def pipeline(settings: Settings, rates: str, seconds: float, saturation_items: int, plot: bool, as_json: bool) -> None:
+    """Upload-to-readable latency under fixed loads, and throughput at saturation vs the encoder ceiling."""
+    summary = run_pipeline_bench(settings, [float(r) for r in rates.split(",")], seconds, saturation_items)
+    emit(summary["rates"], summary, as_json)
+    if plot:
+        click.echo(f"plot: {plot_pipeline(summary)}")
+
+
+def run_pipeline_bench(settings: Settings, rates: list[float], seconds: float, saturation_items: int) -> dict:
+    catalogue = load_catalogue()
+    with bench_stack(settings, "bench") as stack:
+        # The encoder's ceiling on the same texts, same precision and batching, while the worker idles.
+        encoder = OnnxContentEncoder(stack.settings.encoder_export_dir, precision=stack.settings.encoder_precision)
+        ceiling, _ = items_per_s(encoder.encode, [catalogue_texts(len(catalogue))])
+        del encoder
+        watcher = ReadabilityWatcher(stack.store)
+        watcher.start()
+        rows = []
+        for rate in rates:
+            items = unique_items(catalogue, f"r{rate:g}", int(rate * seconds))
+            upload_at_rate(stack.settings, items, rate, watcher)
+            drained = watcher.wait_all(timeout=120 + len(items) / 20)
+            rows.append(phase_row(rate, items, watcher, drained))
+        if saturation_items:
+            items = unique_items(catalogue, "max", saturation_items)
+            upload_at_rate(stack.settings, items, float("inf"), watcher)
+            drained = watcher.wait_all(timeout=120 + saturation_items / 20)
+            rows.append(phase_row(None, items, watcher, drained))
+        watcher.stopping.set()
+    saturated = rows[-1]["sustained_per_s"] if saturation_items else max(r["sustained_per_s"] for r in rows)
+    at_50 = next((r for r in rows if r["offered_per_s"] == 50), None)
+    return {
+        "benchmark": "pipeline", "machine": machine(), "seconds_per_rate": seconds,
+        "encoder_items_per_s": round(ceiling, 1), "saturated_items_per_s": saturated,
+        "efficiency": round(saturated / ceiling, 3),
+        "p99_ms_at_50": at_50["p99_ms"] if at_50 else None,
+        "rates": rows,
+    }
+
+
+def plot_pipeline(summary: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary["rates"] if r["offered_per_s"] != "max" and r["arrived"]]
+    offered = [r["offered_per_s"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key, style in (("p50_ms", "o-"), ("p95_ms", "s--"), ("p99_ms", "^-")):
+        ax.plot(offered, [r[key] for r in rows], style, label=key.replace("_ms", ""))
+    ax.axhline(1000, color="grey", lw=0.8, ls=":")
+    ax.axvline(summary["encoder_items_per_s"], color="tab:red", lw=0.8, ls="--", label="encoder ceiling")
+    ax.set(xlabel="offered uploads/s", ylabel="upload → readable in Feast (ms)", yscale="log",
+           title=f"Pipeline latency vs load (efficiency at saturation {summary['efficiency']:.2f})")
+    ax.legend()
+    fig.tight_layout()
+    PLOTS_DIR.mkdir(exist_ok=True)
+    path = PLOTS_DIR / "bench_pipeline.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+

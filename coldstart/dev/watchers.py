@@ -1,0 +1,107 @@
+"""Watchers that poll the online store for what was sent and record when each became readable.
+
+They poll Feast, so they share the machine's cores with the worker they watch;
+the benchmarks say so beside their figures.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from coldstart import store as feast_store
+
+
+class ReadabilityWatcher(threading.Thread):
+    """Polls Feast for items sent but not yet readable; records when each first appears."""
+
+    def __init__(self, store, poll_interval: float = 0.01, max_per_poll: int = 256):
+        super().__init__(daemon=True)
+        self.store = store
+        self.poll_interval = poll_interval
+        self.max_per_poll = max_per_poll  # oldest first: a backlog must not make each poll slow
+        self.sent_at: dict[str, float] = {}
+        self.readable_at: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def sent(self, item_id: str, at: float) -> None:
+        with self.lock:
+            self.sent_at[item_id] = at
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            with self.lock:
+                pending = [i for i in self.sent_at if i not in self.readable_at][: self.max_per_poll]
+            if pending:
+                found = feast_store.read_item_features(self.store, pending)
+                now = time.monotonic()
+                with self.lock:
+                    for item_id in found:
+                        self.readable_at[item_id] = now
+            time.sleep(self.poll_interval)
+
+    def latencies_ms(self, item_ids=None) -> np.ndarray:
+        with self.lock:
+            ids = [i for i in (item_ids or self.readable_at) if i in self.readable_at]
+            return np.array([(self.readable_at[i] - self.sent_at[i]) * 1000 for i in ids])
+
+    def wait_all(self, timeout: float) -> bool:
+        """Wait until everything sent so far is readable; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.readable_at) >= len(self.sent_at):
+                    return True
+            time.sleep(0.05)
+        return False
+
+
+class UserVectorWatcher:
+    """Polls Feast for users whose vector should reflect more actions; records when it does."""
+
+    def __init__(self, store, poll_interval: float = 0.01):
+        self.store = store
+        self.poll_interval = poll_interval
+        self.expected: dict[str, int] = {}  # user → history length the last sent action leads to
+        self.pending: list[tuple[str, int, float]] = []  # (user, length, sent at)
+        self.latencies_ms: list[float] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def sent(self, user_id: str) -> None:
+        with self.lock:
+            self.expected[user_id] = self.expected.get(user_id, 0) + 1
+            self.pending.append((user_id, self.expected[user_id], time.monotonic()))
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            with self.lock:
+                users = sorted({u for u, _, _ in self.pending})[:256]
+            if users:
+                lengths = self.store.get_online_features(
+                    features=["user_embedding:history_length"], entity_rows=[{"user_id": u} for u in users]
+                ).to_dict()["history_length"]
+                seen = dict(zip(users, lengths))
+                now = time.monotonic()
+                with self.lock:
+                    still = []
+                    for user_id, length, sent_at in self.pending:
+                        if (seen.get(user_id) or 0) >= length:
+                            self.latencies_ms.append((now - sent_at) * 1000)
+                        else:
+                            still.append((user_id, length, sent_at))
+                    self.pending = still
+            time.sleep(self.poll_interval)
+
+    def wait_all(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.pending:
+                    return True
+            time.sleep(0.05)
+        return False

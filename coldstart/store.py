@@ -1,0 +1,268 @@
+"""The Feast adapter: configuration, apply, writes, reads. The only module that touches Feast internals.
+
+Every use of a Feast internal (the provider's `online_read`, the Redis key
+and field layout, the feature server's app factory) is here, and
+tests/test_library_internals.py pins each one's name and signature, so an
+upgrade of Feast fails there, naming this module, instead of somewhere
+downstream.
+
+Online writes go through Feast (push → Redis). Offline writes do not use
+Feast's file-store push, which re-reads and rewrites one whole parquet file on
+every call (O(size) per write, and a crash mid-write corrupts the file);
+instead each flush writes one new parquet part file atomically into the batch
+source's folder, which `feast materialize` reads as one dataset.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from feast import Entity, FeatureService, FeatureStore, FeatureView, FileSource, OnDemandFeatureView, PushSource
+from feast.data_source import PushMode
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+from feast.protos.feast.types.Value_pb2 import Value
+from feast.repo_config import RepoConfig
+from feast.types import Array, Float32, Float64, Int64, String
+
+import feature_repo
+from coldstart.config import Settings
+
+FEATURE_REPO = Path(feature_repo.__file__).resolve().parent
+ENTITY_KEY_SERIALIZATION = 3
+
+
+def redis_connection_string(redis_url: str) -> str:
+    """redis://[user:password@]host:port/db → Feast's "host:port,db=N,username=…,password=…,ssl=true"."""
+    url = urlparse(redis_url)
+    if url.scheme not in ("redis", "rediss"):
+        raise ValueError(f"REDIS_URL must start with redis:// or rediss://, got {redis_url!r}")
+    parts = [f"{url.hostname or '127.0.0.1'}:{url.port or 6379}"]
+    db = (url.path or "/0").lstrip("/") or "0"
+    parts.append(f"db={db}")
+    for name, value in (("username", url.username), ("password", url.password)):
+        if value:
+            value = unquote(value)  # percent-encoded in the URL
+            if "," in value:  # Feast splits its connection string on commas
+                raise ValueError(f"the Redis {name} must not contain ','")
+            parts.append(f"{name}={value}")
+    if url.scheme == "rediss":
+        parts.append("ssl=true")
+    return ",".join(parts)
+
+
+def repo_config(settings: Settings) -> RepoConfig:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return RepoConfig(
+        project=settings.feast_project,
+        provider="local",
+        # The registry changes only on apply; re-reading it every few seconds would
+        # stall the write path, so readers refresh it every 10 minutes.
+        registry={"path": str(settings.data_dir / "registry.db"), "cache_ttl_seconds": 600},
+        online_store={"type": "redis", "connection_string": redis_connection_string(settings.redis_url)},
+        offline_store={"type": "file"},
+        entity_key_serialization_version=ENTITY_KEY_SERIALIZATION,
+        # The batch sources' relative paths (feature_repo/data_sources.py) resolve against this:
+        # the offline store lives under the data folder.
+        repo_path=settings.data_dir,
+    )
+
+
+def open_store(settings: Settings) -> FeatureStore:
+    return FeatureStore(config=repo_config(settings))
+
+
+FEAST_KINDS = (Entity, FileSource, PushSource, FeatureView, OnDemandFeatureView, FeatureService)
+
+
+def feature_objects() -> list:
+    """Every Feast object declared in feature_repo/, found by importing its modules (as `feast apply` does)."""
+    found: dict[int, object] = {}
+    for module in pkgutil.iter_modules([str(FEATURE_REPO)]):
+        for value in vars(importlib.import_module(f"feature_repo.{module.name}")).values():
+            if isinstance(value, FEAST_KINDS):
+                found[id(value)] = value
+    return list(found.values())
+
+
+def apply(settings: Settings) -> FeatureStore:
+    """`feast apply` with the project's settings; returns the store."""
+    store = open_store(settings)
+    objects = feature_objects()
+    store.apply(objects)
+    for view in (o for o in objects if isinstance(o, FeatureView)):
+        table = offline_table(store, view.name)
+        if not any(table.path.glob("*.parquet")):
+            table.write(table.schema.empty_table().to_pandas())  # materialize reads a view with no rows yet
+    return store
+
+
+# ---- offline store ------------------------------------------------------------
+
+_ARROW_TYPES = {Array(Float32): pa.list_(pa.float32()), String: pa.string(), Int64: pa.int64(),
+                Float32: pa.float32(), Float64: pa.float64()}
+
+
+def offline_schema(view: FeatureView) -> pa.Schema:
+    """The parquet schema of a view's batch source, derived from the view: join key, features, event time."""
+    source = view.batch_source
+    (entity,) = (o for o in feature_objects() if isinstance(o, Entity) and o.name == view.entities[0])
+    columns = [(entity.join_key, pa.string())]
+    columns += [(field.name, _ARROW_TYPES[field.dtype]) for field in view.schema if field.name not in dict(columns)]
+    return pa.schema(columns + [(source.timestamp_field, pa.timestamp("us", tz="UTC"))])
+
+
+@dataclass(frozen=True)
+class OfflineTable:
+    """A view's batch source folder: parquet part files, appended atomically."""
+
+    path: Path
+    schema: pa.Schema
+
+    def write(self, frame: pd.DataFrame) -> Path:
+        """Append one parquet part file (tmp + rename: a reader never sees half a file)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        final = self.path / f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = self.path / f".{final.name}.tmp"  # dot-files are skipped by parquet readers
+        pq.write_table(pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False), tmp)
+        tmp.replace(final)
+        return final
+
+
+def offline_table(store: FeatureStore, view_name: str) -> OfflineTable:
+    view = next(o for o in feature_objects() if isinstance(o, FeatureView) and o.name == view_name)
+    path = FileSource.get_uri_for_file_path(store.config.repo_path, view.batch_source.path)
+    return OfflineTable(Path(path), offline_schema(view))
+
+
+# ---- writes ------------------------------------------------------------------
+
+def item_embedding_frame(item_ids, vectors, content_vectors, titles, model_version: str, event_times) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "item_id": list(item_ids),
+            "item_embedding": [v.astype("float32").tolist() for v in vectors],
+            "content_embedding": [v.astype("float32").tolist() for v in content_vectors],
+            "title": list(titles),
+            "model_version": model_version,
+            "event_timestamp": pd.to_datetime(list(event_times), utc=True),
+        }
+    )
+
+
+def user_embedding_frame(user_ids, vectors, history_lengths, model_version: str, event_times) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "user_id": list(user_ids),
+            "user_embedding": [np.asarray(v, dtype="float32").tolist() for v in vectors],
+            "history_length": list(history_lengths),
+            "model_version": model_version,
+            "event_timestamp": pd.to_datetime(list(event_times), utc=True),
+        }
+    )
+
+
+def push_online(store: FeatureStore, push_source: str, frame: pd.DataFrame) -> None:
+    """Write to Redis through Feast; an older event time never overwrites a newer one."""
+    store.push(push_source, frame, to=PushMode.ONLINE)
+
+
+# ---- reads -------------------------------------------------------------------
+
+def read_item_features(store: FeatureStore, item_ids: list[str], features=("item_embedding", "model_version")) -> dict[str, dict]:
+    """Online lookup: item_id → {feature: value} for the items that exist."""
+    if not item_ids:
+        return {}  # Feast fails on an empty entity list
+    response = store.get_online_features(
+        features=[f"item_embedding:{f}" for f in features],
+        entity_rows=[{"item_id": i} for i in item_ids],
+    ).to_dict()
+    found = {}
+    for row, item_id in enumerate(response["item_id"]):
+        if response[features[0]][row] is not None:
+            found[item_id] = {f: response[f][row] for f in features}
+    return found
+
+
+@dataclass(frozen=True)
+class StoredView:
+    """A stored feature view of a feature service, as the fast read path reads it."""
+
+    view: FeatureView
+    join_key: str
+    features: tuple[str, ...]
+
+
+def stored_views(store: FeatureStore, service_name: str) -> tuple[StoredView, ...]:
+    """The service's stored (not on-demand) views with the features it asks of each."""
+    service = store.get_feature_service(service_name, allow_cache=True)
+    on_demand = {view.name for view in store.list_on_demand_feature_views(allow_cache=True)}
+    views = []
+    for projection in service.feature_view_projections:
+        if projection.name not in on_demand:
+            view = store.get_feature_view(projection.name, allow_registry_cache=True)
+            views.append(StoredView(view, view.entity_columns[0].name, tuple(f.name for f in projection.features)))
+    return tuple(views)
+
+
+def online_read(store: FeatureStore, stored: StoredView, keys: list[str]) -> dict[str, list]:
+    """feature → one decoded value per key (None where the entity has no row), in one pipelined round trip.
+
+    The provider's `online_read` rather than `get_online_features`, whose per-entity
+    Python work (request context, response protos) made a lookup of 1 user + 100
+    items 3.6x a raw Redis read (BENCHMARKS.md, lookup).
+    """
+    rows = store._get_provider().online_read(
+        config=store.config, table=stored.view, requested_features=list(stored.features),
+        entity_keys=[_entity_key(stored.join_key, key) for key in keys],
+    )
+    return {feature: [_decode(values[feature]) if values and feature in values else None for _, values in rows]
+            for feature in stored.features}
+
+
+def _entity_key(join_key: str, value: str) -> EntityKey:
+    return EntityKey(join_keys=[join_key], entity_values=[Value(string_val=value)])
+
+
+def _decode(value: Value):
+    """A Feast Value → a float32 array for a float list, the Python value for a scalar, None for null."""
+    kind = value.WhichOneof("val")
+    if kind is None or kind == "null_val":
+        return None
+    if kind == "float_list_val":
+        return np.array(value.float_list_val.val, dtype=np.float32)
+    return getattr(value, kind)
+
+
+def redis_layout(project: str, join_key: str, entity_ids: list[str], view: str, features: list[str]):
+    """The Redis hash keys and fields Feast reads for these entities and features (for raw-read benchmarks)."""
+    from feast.infra.online_stores.helpers import _mmh3, _redis_key
+
+    keys = [_redis_key(project, _entity_key(join_key, i), ENTITY_KEY_SERIALIZATION) for i in entity_ids]
+    return keys, [_mmh3(f"{view}:{feature}") for feature in features] + [f"_ts:{view}"]
+
+
+def feature_server_app(store: FeatureStore):
+    """Feast's feature server ASGI app, with its auth set up as Feast's own `feast serve` does."""
+    from feast.feature_server import get_app
+    from feast.permissions.server.utils import (
+        ServerType,
+        init_auth_manager,
+        init_security_manager,
+        str_to_auth_manager_type,
+    )
+
+    auth_type = str_to_auth_manager_type(store.config.auth_config.type)
+    init_security_manager(auth_type=auth_type, fs=store)
+    init_auth_manager(auth_type=auth_type, server_type=ServerType.REST, auth_config=store.config.auth_config)
+    return get_app(store)

@@ -1,0 +1,106 @@
+"""Pins of the library internals the service relies on: after an upgrade these fail first, naming the module to revisit.
+
+Each private name below is used in exactly one adapter module: faust's and
+aiokafka's in streams/patches.py, Feast's in coldstart/store.py (and Feast's
+optional torch import in coldstart/cli, `without_torch`).
+"""
+
+import inspect
+
+PATCHES = "streams/patches.py"
+STORE = "coldstart/store.py"
+
+
+def pinned(module_to_revisit: str, what: str, holds: bool) -> None:
+    assert holds, f"{what} changed: revisit {module_to_revisit} after this upgrade"
+
+
+def parameters(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def test_faust_consumer_internals_streams_patches_overrides():
+    from faust.transport import consumer as base_consumer
+    from faust.transport.drivers import aiokafka as driver
+
+    pinned(PATCHES, "faust aiokafka driver's AIOKafkaConsumerThread._create_worker_consumer(transport)",
+           parameters(driver.AIOKafkaConsumerThread._create_worker_consumer)[:2] == ["self", "transport"])
+    pinned(PATCHES, "faust aiokafka Consumer._new_consumer_thread()",
+           parameters(driver.Consumer._new_consumer_thread) == ["self"])
+    pinned(PATCHES, "faust Consumer.perform_seek (async, no arguments)",
+           inspect.iscoroutinefunction(base_consumer.Consumer.perform_seek)
+           and parameters(base_consumer.Consumer.perform_seek) == ["self"])
+    pinned(PATCHES, "faust's seek after recovery (perform_seek fills _committed_offset)",
+           "_committed_offset" in inspect.getsource(base_consumer.Consumer.perform_seek))
+    pinned(PATCHES, "faust Consumer._is_changelog_tp(tp)", parameters(base_consumer.Consumer._is_changelog_tp) == ["self", "tp"])
+    pinned(PATCHES, "faust Consumer.stop_flow()", parameters(base_consumer.Consumer.stop_flow) == ["self"])
+    pinned(PATCHES, "faust aiokafka Consumer.earliest_offsets(*partitions)",
+           parameters(driver.Consumer.earliest_offsets) == ["self", "partitions"])
+    pinned(PATCHES, "faust aiokafka Consumer.seek_wait(partitions)",
+           parameters(driver.Consumer.seek_wait) == ["self", "partitions"])
+    pinned(PATCHES, "faust aiokafka Transport.Consumer class attribute", driver.Transport.Consumer is driver.Consumer)
+    pinned(PATCHES, "faust App._new_transport()", "_new_transport" in vars(__import__("faust").App))
+
+
+def test_aiokafka_reads_its_fetch_wait_from_the_attribute_streams_patches_sets():
+    from aiokafka import AIOKafkaConsumer
+
+    pinned(PATCHES, "aiokafka AIOKafkaConsumer.start passing self._fetch_max_wait_ms to its fetcher",
+           "fetch_max_wait_ms=self._fetch_max_wait_ms" in inspect.getsource(AIOKafkaConsumer.start))
+
+
+def test_the_patched_transports_build(stack):
+    """The overrides still compose into a transport faust accepts (the worker in `stack` runs them for real)."""
+    from streams.app import create_app
+    from streams.patches import DevTransport, Transport
+
+    app = create_app(stack.settings)
+    pinned(PATCHES, "faust App.transport built by _new_transport", isinstance(app.transport, DevTransport))
+    pinned(PATCHES, "faust Transport.Consumer", issubclass(Transport.Consumer, DevTransport.Consumer.__mro__[1]))
+
+
+def test_feast_internals_coldstart_store_uses():
+    from feast import FeatureStore
+    from feast.infra.online_stores.helpers import _mmh3, _redis_key
+    from feast.infra.online_stores.redis import RedisOnlineStore
+
+    pinned(STORE, "FeatureStore._get_provider()", parameters(FeatureStore._get_provider) == ["self"])
+    pinned(STORE, "the online store's online_read(config, table, entity_keys, requested_features)",
+           parameters(RedisOnlineStore.online_read)[:5] == ["self", "config", "table", "entity_keys", "requested_features"])
+    pinned(STORE, "feast.infra.online_stores.helpers._redis_key(project, entity_key, entity_key_serialization_version)",
+           parameters(_redis_key)[:3] == ["project", "entity_key", "entity_key_serialization_version"])
+    pinned(STORE, "feast.infra.online_stores.helpers._mmh3(key)", len(parameters(_mmh3)) == 1)
+    pinned(STORE, "Redis event-time field '_ts:<view>'", "_ts:" in inspect.getsource(RedisOnlineStore))
+
+
+def test_feast_feature_server_factory_coldstart_store_uses():
+    from feast.feature_server import get_app
+    from feast.permissions.server import utils
+
+    pinned(STORE, "feast.feature_server.get_app(store, ...)", parameters(get_app)[0] == "store")
+    for name in ("ServerType", "init_auth_manager", "init_security_manager", "str_to_auth_manager_type"):
+        pinned(STORE, f"feast.permissions.server.utils.{name}", hasattr(utils, name))
+
+
+def test_feast_imports_without_torch_when_torch_cannot_be_imported():
+    """coldstart.cli.without_torch relies on Feast treating torch as optional."""
+    import feast.torch_wrapper as wrapper
+
+    pinned("coldstart/cli/__init__.py (without_torch)", "feast.torch_wrapper catching a failed torch import",
+           "except Exception" in inspect.getsource(wrapper._import_torch))
+
+
+def test_feast_writes_the_redis_layout_the_raw_reader_reads(stack, producer):
+    """coldstart.store.redis_layout names the keys and fields Feast writes (checked against a real write)."""
+    import redis
+
+    from coldstart.store import redis_layout
+    from tests.conftest import unique_id, upload, wait_readable
+
+    item_id = unique_id("layout")
+    upload(producer, {"item_id": item_id, "title": "A layout probe"})
+    wait_readable(stack.store, [item_id])
+    keys, fields = redis_layout(stack.settings.feast_project, "item_id", [item_id], "item_embedding", ["title"])
+    stored = redis.Redis.from_url(stack.settings.redis_url).hmget(keys[0], fields)
+    pinned(STORE, "Feast's Redis key and field layout", all(value is not None for value in stored))
+    assert stored[0].endswith(b"A layout probe")  # the title, as a serialised Feast Value
