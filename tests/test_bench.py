@@ -39,3 +39,10 @@ def test_bench_actions_measures_action_to_user_vector_latency():
     summary = run_bench("actions", "--rate", "20", "--seconds", "1", "--users", "10")
     assert summary["row"]["updated"] == summary["row"]["actions"] == 20
     assert summary["action_to_vector_p99_ms_at_20"] > 0
+
+
+def test_bench_startup_reports_start_up_time_memory_and_torch_per_worker():
+    summary = run_bench("startup", "--runs", "1")
+    (row,) = summary["results"]
+    assert row["worker"] == "this checkout" and row["startup_s_median"] > 0 and row["rss_mb_median"] > 0
+    assert row["torch_mapped"] is False

