@@ -51,7 +51,7 @@ def log_size(worker: WorkerProcess) -> int:
 
 
 def wait_offline(stack, item_ids: list[str], timeout: float = 60) -> None:
-    wait_until(lambda: set(item_ids) <= set(known_item_ids(stack.settings)), timeout, "items in the offline store")
+    wait_until(lambda: set(item_ids) <= set(known_item_ids(stack.store)), timeout, "items in the offline store")
 
 
 def upload_items(producer, items: list[dict]) -> list[str]:
@@ -317,7 +317,7 @@ def test_a_late_older_action_takes_its_place_in_the_users_history(stack, produce
 # ---- 6. load burst -----------------------------------------------------------
 
 def test_a_burst_of_ten_times_the_sustainable_rate_is_absorbed_in_bounded_memory(stack):
-    from coldstart.bench import run_burst
+    from coldstart.dev.bench.burst import run_burst
 
     result = run_burst(stack, factor=10, burst_seconds=4, probe_rate=5, saturation_items=200, padding_kb=0)
     assert result["backlog_at_burst_end"] >= result["burst_items"] / 2, result  # the burst outran the worker
