@@ -24,7 +24,7 @@ from coldstart.dev.stack import LocalStack, WorkerProcess
 from streams.keys import home_partition
 from streams.patches import EXIT_UNDECODABLE_BATCH
 from streams.validation import ITEM_TOMBSTONE
-from tests.conftest import read_topic, unique_id, wait_readable
+from tests.conftest import SETTINGS, read_topic, unique_id, wait_readable
 from tests.test_reliability import wait_until
 from tests.test_users import user_vector
 
@@ -139,13 +139,13 @@ def test_records_without_their_key_or_off_their_partition_are_forwarded_and_proc
     wait_readable(stack.store, ids)
 
     # Each is now also on its item's partition, keyed by its item_id, headers kept.
-    def forwarded(records):
-        return {r.key.decode() for r in records if r.key and r.key.decode() in ids} == set(ids)
+    def copies(records):
+        return {r.key.decode(): r for r in records
+                if r.key and r.key.decode() in ids and r.partition == home_partition(r.key.decode(), partitions)}
 
-    copies = [r for r in read_topic(stack.settings, "item-uploads", until=forwarded, raw=True)
-              if r.key and r.key.decode() in ids]
-    assert all(r.partition == home_partition(r.key.decode(), partitions) for r in copies)
-    assert [(k, v) for k, v in next(r for r in copies if r.key == keyless["item_id"].encode()).headers] == trace
+    found = copies(read_topic(stack.settings, "item-uploads", until=lambda rs: len(copies(rs)) == len(ids), raw=True))
+    assert [(k, v) for k, v in found[keyless["item_id"]].headers] == trace
+    assert json.loads(found[wrong_key["item_id"]].value) == wrong_key  # the value as sent
 
     # A user's actions without a key land anywhere; all of them reach the user's history.
     user_id = unique_id("keyless-user")
@@ -178,6 +178,13 @@ def test_tombstones_and_invalid_events_are_dead_lettered_with_their_headers(stac
 
 # ---- the worker's own producers ------------------------------------------------
 
+def test_an_unknown_producer_compression_is_refused_by_name():
+    from coldstart.config import Settings
+
+    with pytest.raises(ValueError, match="COLDSTART_PRODUCER_COMPRESSION must be none, gzip, snappy, lz4, zstd"):
+        Settings.from_env({"COLDSTART_PRODUCER_COMPRESSION": "brotli"})
+
+
 def test_the_workers_own_records_use_every_codec(stack):
     """One stack of its own: its worker restarted with each COLDSTART_PRODUCER_COMPRESSION, writing each
     output topic and its table's changelog in that codec, and reading the changelog back at each restart."""
@@ -201,13 +208,13 @@ def test_the_workers_own_records_use_every_codec(stack):
 # ---- batches the worker cannot read ---------------------------------------------
 
 @pytest.mark.reliability
-def test_a_worker_that_cannot_decode_every_codec_refuses_to_start(stack, tmp_path, monkeypatch):
+def test_a_worker_that_cannot_decode_every_codec_refuses_to_start(tmp_path, monkeypatch):
     # cramjam made unimportable in the worker's process only: a shadowing package on its PYTHONPATH
     # raises ImportError, as a missing install does (aiokafka then has gzip alone).
     (tmp_path / "cramjam").mkdir()
     (tmp_path / "cramjam" / "__init__.py").write_text('raise ImportError("cramjam is not installed here")\n')
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    worker = WorkerProcess(stack.settings).start()
+    worker = WorkerProcess(SETTINGS).start()  # it stops before it needs a broker
     try:
         wait_until(lambda: not worker.alive() and worker, 60, "the worker refusing to start")
         log = worker.log_path.read_text(errors="replace")
