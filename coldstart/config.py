@@ -17,6 +17,10 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+# Every compression codec Kafka defines. The worker reads batches in any of them on its
+# input topics; COLDSTART_PRODUCER_COMPRESSION picks one (or none) for what it writes.
+COMPRESSION_CODECS = ("gzip", "snappy", "lz4", "zstd")
+
 # Topic name → what it carries. Every topic is created up front with its partitions.
 TOPICS = {
     "item-uploads": "new items as JSON (key item_id)",
@@ -56,6 +60,7 @@ class Settings:
     batch_window_ms: int  # …or after this wait, whichever comes first
     offline_flush_seconds: float  # offline rows are written (and offsets committed) this often
     consumer_group: str
+    producer_compression: str  # of the worker's own records: none or one of COMPRESSION_CODECS
     user_history_length: int  # N: the user tower reads the last N positive actions
     unknown_item_wait_seconds: float  # an action on a not-yet-uploaded item waits this long for it
 
@@ -79,10 +84,18 @@ class Settings:
             raise ValueError("COLDSTART_ONNX_THREADS must be 0 (ONNX Runtime's default) or more")
         if self.batch_size < 1 or self.batch_window_ms < 1:
             raise ValueError("COLDSTART_BATCH_SIZE and COLDSTART_BATCH_WINDOW_MS must be at least 1")
+        if self.producer_compression not in ("none", *COMPRESSION_CODECS):
+            raise ValueError(f"COLDSTART_PRODUCER_COMPRESSION must be none, {', '.join(COMPRESSION_CODECS)}; "
+                             f"not {self.producer_compression!r}")
 
     @property
     def dev(self) -> bool:
         return self.profile == "dev"
+
+    @property
+    def producer_compression_type(self) -> str | None:
+        """producer_compression as Kafka clients spell it (None: uncompressed)."""
+        return None if self.producer_compression == "none" else self.producer_compression
 
     @property
     def encoder_export_dir(self) -> Path:
@@ -138,6 +151,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "batch_window_ms": ("COLDSTART_BATCH_WINDOW_MS", "20"),
     "offline_flush_seconds": ("COLDSTART_OFFLINE_FLUSH_SECONDS", "5"),
     "consumer_group": ("COLDSTART_CONSUMER_GROUP", "coldstart-worker"),
+    "producer_compression": ("COLDSTART_PRODUCER_COMPRESSION", "none"),
     "user_history_length": ("COLDSTART_USER_HISTORY_LENGTH", "50"),
     "unknown_item_wait_seconds": ("COLDSTART_UNKNOWN_ITEM_WAIT_SECONDS", "300"),
 }

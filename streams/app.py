@@ -42,7 +42,8 @@ class ColdstartApp(faust.App):
 
 
 def create_app(settings: Settings) -> ColdstartApp:
-    """The worker's app with every agent registered."""
+    """The worker's app with every agent registered; patches.CodecsMissing if it could not read every batch."""
+    patches.check_codecs()
     dev_options = (
         dict(broker_session_timeout=6, broker_heartbeat_interval=1, broker_rebalance_timeout=10,
              # tansu misreports end offsets after multi-record batches; single-record
@@ -59,6 +60,7 @@ def create_app(settings: Settings) -> ColdstartApp:
         broker_commit_interval=1.0,
         web_enabled=False,
         producer_linger=0.0,
+        producer_compression_type=settings.producer_compression_type,
         # Backpressure: at most this many events wait in an agent's buffer; beyond it the
         # consumer stops fetching, so a burst waits in Kafka, not in the worker's memory.
         stream_buffer_maxsize=4 * settings.batch_size,

@@ -24,13 +24,18 @@ class DeadLetters:
     def __init__(self, topic):
         self.topic = topic
 
-    async def send(self, topic: str, partition: int, offset: int, key, original: bytes | None, reason: str) -> None:
-        """Publish a dead letter and wait until it is durable (before its event may be acknowledged)."""
+    async def send(self, topic: str, partition: int, offset: int, key, original: bytes | None, reason: str,
+                   headers=None) -> None:
+        """Publish a dead letter and wait until it is durable (before its event may be acknowledged).
+
+        The original's record headers (tracing ids, producer names…) ride on the dead letter's record.
+        """
         log.info("dead letter %s[%d]@%d: %s", topic, partition, offset, reason)
         key_bytes = (key if isinstance(key, bytes) else key.encode())[:MAX_KEY_BYTES] if key else None
         original = original or b""
         delivery = await self.topic.send(
             key=key_bytes,
+            headers=list(headers or ()),
             value=DeadLetter(
                 topic=topic, partition=partition, offset=offset, reason=reason,
                 original_base64=base64.b64encode(original[:MAX_ORIGINAL_BYTES]).decode("ascii"),
@@ -44,4 +49,5 @@ class DeadLetters:
     async def send_event(self, event, reason: str) -> None:
         """The event being processed, as received."""
         message = event.message
-        await self.send(message.topic, message.partition, message.offset, message.key, message.value, reason)
+        await self.send(message.topic, message.partition, message.offset, message.key, message.value, reason,
+                        message.headers)

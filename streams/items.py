@@ -19,6 +19,7 @@ from encoders.content import OnnxContentEncoder
 from encoders.export_format import read_encoder_metadata
 from encoders.text import item_text
 from encoders.towers import load_towers
+from streams.keys import Forwarder
 from streams.records import ItemEmbedding, ItemUpload
 from streams.sinks import OfflineBuffer, retry_forever
 from streams.validation import InvalidEvent, parse_item_upload
@@ -49,6 +50,7 @@ def register(app) -> None:
     """Declare the item agent on the app (streams.app.ColdstartApp)."""
     settings = app.settings
     read_encoder_metadata(settings.encoder_export_dir)  # no export: fail now, saying what to run
+    forwarder = Forwarder(app.item_uploads_topic, "item_id", settings.topic_partitions)
 
     @app.agent(app.item_uploads_topic)
     async def encode_items(stream):
@@ -60,9 +62,13 @@ def register(app) -> None:
             valid: list[ItemUpload] = []
             for event in events:
                 try:
-                    valid.append(parse_item_upload(event.value))
+                    item = parse_item_upload(event.value)
                 except InvalidEvent as reason:
                     await app.dead_letters.send_event(event, str(reason))
+                    continue
+                if not forwarder.misplaced(event, item.item_id):
+                    valid.append(item)
+            await forwarder.forward_pending()
             frame = await write_embeddings(app, models, valid) if valid else None
             offline.add(frame, list(events))
             await offline.flush()

@@ -28,6 +28,7 @@ import numpy as np
 from coldstart import store as feast_store
 from coldstart.config import USER_PUSH_SOURCE, USER_VIEW, Settings
 from encoders.towers import load_towers
+from streams.keys import Forwarder
 from streams.records import HistoryEntry, UserAction, UserHistory, WaitingItems
 from streams.sinks import OfflineBuffer, retry_forever
 from streams.validation import POSITIVE_ACTIONS, InvalidEvent, parse_user_action
@@ -97,6 +98,7 @@ def register(app) -> None:
         key_type=str, value_type=WaitingItems, use_partitioner=True,
     )
     loaded: list[UserModels] = []  # the agent's models, once loaded (the timer waits for them)
+    forwarder = Forwarder(app.user_actions_topic, "user_id", settings.topic_partitions)
 
     def record_action(action: UserAction) -> bool:
         """Add a positive action to the user's history; False if it is already there (a replay)."""
@@ -151,8 +153,11 @@ def register(app) -> None:
                 except InvalidEvent as reason:
                     await app.dead_letters.send_event(event, str(reason))
                     continue
+                if forwarder.misplaced(event, action.user_id):
+                    continue  # its user's history is in the table partition of another worker, maybe
                 if action.action in POSITIVE_ACTIONS and record_action(action):
                     touched.add(action.user_id)
+            await forwarder.forward_pending()
             frame = await recompute(models, touched) if touched else None
             offline.add(frame, list(events))
             await offline.flush()

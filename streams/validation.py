@@ -4,6 +4,8 @@ Rules for user actions: a JSON object with `user_id`, `item_id` (identifiers as
 for items), `action` (one of ACTIONS) and `occurred_at` (as `uploaded_at`).
 
 Rules for item uploads:
+- a null value (a Kafka tombstone) is not an item's removal: it is dead-lettered
+  with ITEM_TOMBSTONE, which names the removal event;
 - a JSON object with `item_id` (non-empty string), `title` (string) and
   `uploaded_at` (ISO-8601 with a time zone, or epoch seconds);
 - event times (`uploaded_at`, `occurred_at`) between 1970 and MAX_FUTURE ahead
@@ -40,11 +42,19 @@ POSITIVE_ACTIONS = frozenset({"click", "like", "share", "purchase"})
 ACTIONS = POSITIVE_ACTIONS | {"skip"}
 
 
+# A null value is how compacted topics delete a key; item-uploads is not one, and an item is
+# removed by an event of its own (README, "Input: item-uploads").
+ITEM_TOMBSTONE = ('null value (a tombstone): it does not remove an item; to remove one, send '
+                  '{"item_id": ..., "deleted": true, "uploaded_at": ...} (README, "Input: item-uploads")')
+
+
 class InvalidEvent(ValueError):
     """The event cannot be processed; str(error) is the reason sent to dead-letters."""
 
 
 def parse_item_upload(raw: bytes | None) -> ItemUpload:
+    if raw is None:
+        raise InvalidEvent(ITEM_TOMBSTONE)
     data = _json_object(raw)
     item_id = _identifier(data, "item_id")
     title = _text(_required_str(data, "title"))
@@ -69,6 +79,8 @@ def parse_item_upload(raw: bytes | None) -> ItemUpload:
 
 
 def parse_user_action(raw: bytes | None) -> UserAction:
+    if raw is None:
+        raise InvalidEvent("null value (a tombstone): user-actions holds events, not state; there is nothing to delete")
     data = _json_object(raw)
     action = _required_str(data, "action")
     if action not in ACTIONS:
@@ -88,9 +100,7 @@ def _identifier(data: dict, name: str) -> str:
     return value
 
 
-def _json_object(raw: bytes | None) -> dict:
-    if raw is None:
-        raise InvalidEvent("empty message (no value)")
+def _json_object(raw: bytes) -> dict:
     if _nesting_depth(raw) > MAX_JSON_DEPTH:
         # Checked before parsing: how deep json.loads can go depends on the caller's stack,
         # and the same event must get the same verdict wherever it is parsed.

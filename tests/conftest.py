@@ -129,8 +129,11 @@ def wait_readable(store, item_ids: list[str], timeout: float = 30) -> dict:
     raise AssertionError(f"{len(missing)} of {len(item_ids)} items not readable after {timeout}s: {missing[:5]}")
 
 
-def read_topic(settings: Settings, topic: str, until, timeout: float = 30) -> list[dict]:
-    """Read a topic from the beginning (no consumer group) until `until(records)` holds."""
+def read_topic(settings: Settings, topic: str, until, timeout: float = 30, raw: bool = False) -> list:
+    """Read a topic from the beginning (no consumer group) until `until(records)` holds.
+
+    Records are the JSON values, or with `raw` kafka-python's ConsumerRecords (key, partition, headers…).
+    """
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
                              consumer_timeout_ms=500, fetch_max_wait_ms=50)
     try:
@@ -141,7 +144,7 @@ def read_topic(settings: Settings, topic: str, until, timeout: float = 30) -> li
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for message in consumer:
-                records.append(json.loads(message.value))
+                records.append(message if raw else json.loads(message.value))
             if until(records):
                 return records
         raise AssertionError(f"condition not met on {topic} after {timeout}s ({len(records)} records)")

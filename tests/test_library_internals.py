@@ -49,6 +49,24 @@ def test_aiokafka_reads_its_fetch_wait_from_the_attribute_streams_patches_sets()
            "fetch_max_wait_ms=self._fetch_max_wait_ms" in inspect.getsource(AIOKafkaConsumer.start))
 
 
+def test_aiokafka_internals_streams_patches_reads_to_name_an_undecodable_batch():
+    from aiokafka import codec
+    from aiokafka.consumer.fetcher import PartitionRecords
+    from faust.transport.drivers import aiokafka as driver
+
+    pinned(PATCHES, "faust AIOKafkaConsumerThread._fetch_records(consumer, active_partitions, timeout, max_records)",
+           parameters(driver.AIOKafkaConsumerThread._fetch_records)
+           == ["self", "consumer", "active_partitions", "timeout", "max_records"])
+    unpack = PartitionRecords._unpack_records
+    pinned(PATCHES, "aiokafka PartitionRecords._unpack_records decoding each batch in its local next_batch",
+           "next_batch" in unpack.__code__.co_varnames and "for record in next_batch" in inspect.getsource(unpack))
+    pinned(PATCHES, "aiokafka PartitionRecords._tp and next_fetch_offset",
+           {"self._tp", "self.next_fetch_offset"} <= set(inspect.getsource(PartitionRecords.__init__).split()))
+    for name in ("gzip", "snappy", "lz4", "zstd"):
+        pinned(PATCHES, f"aiokafka.codec.{name}_encode/{name}_decode",
+               callable(getattr(codec, f"{name}_encode", None)) and callable(getattr(codec, f"{name}_decode", None)))
+
+
 def test_the_patched_transports_build(stack):
     """The overrides still compose into a transport faust accepts (the worker in `stack` runs them for real)."""
     from streams.app import create_app

@@ -177,10 +177,11 @@ def worker(settings: Settings, loglevel: str) -> None:
     without_torch()
     from encoders.export_format import ExportMissing
     from streams.app import create_app
+    from streams.patches import CodecsMissing
 
     try:
         app = create_app(settings)
-    except ExportMissing as missing:
+    except (ExportMissing, CodecsMissing) as missing:
         raise click.ClickException(str(missing)) from None
     sys.argv = ["coldstart worker", "worker", "--loglevel", loglevel, "--without-web"]
     app.main()
