@@ -66,9 +66,9 @@ def register(app) -> None:
                 except InvalidEvent as reason:
                     await app.dead_letters.send_event(event, str(reason))
                     continue
-                if not forwarder.misplaced(event, item.item_id):
+                if not forwarder.misplaced(event, item.item_id, item):
                     valid.append(item)
-            await forwarder.forward_pending()
+            valid += await forwarder.forward_pending()
             frame = await write_embeddings(app, models, valid) if valid else None
             offline.add(frame, list(events))
             await offline.flush()

@@ -10,16 +10,22 @@ An event that arrives elsewhere (no key, another key, or a producer with another
 partitioner: librdkafka's default hashes with CRC32) is not processed where it is,
 and not lost: it is forwarded to its entity's partition with the entity id as key,
 value and headers unchanged, and processed there. Its offset is acknowledged only
-once the forwarded copy is in the broker (README, "Producer contract").
+once the forwarded copy is in the broker (README, "Producer contract"). An event
+the broker refuses to take again (larger than the producer's or the broker's
+message limit: a 10 MB upload) is processed where it is instead, with a warning:
+its order against the entity's other events is then not guaranteed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
+from aiokafka.errors import KafkaError
+from faust.exceptions import ProducerSendError
 from kafka.partitioner import murmur2
+
+from streams.sinks import describe
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +44,15 @@ class Forwarder:
         self.topic = topic
         self.id_field = id_field
         self.partitions = partitions
-        self.pending: list[tuple] = []  # (event, entity id, why) to forward
+        self.pending: list[tuple] = []  # (event, entity id, why, record) to forward
         self.since_report = 0
         self.last_report = -REPORT_EVERY_S
 
-    def misplaced(self, event, entity_id: str) -> bool:
+    def misplaced(self, event, entity_id: str, record) -> bool:
         """Whether the event is off its entity's partition: then it waits for forward_pending(), not processed here."""
         why = self._why_misplaced(event, entity_id)
         if why:
-            self.pending.append((event, entity_id, why))
+            self.pending.append((event, entity_id, why, record))
         return why is not None
 
     def _why_misplaced(self, event, entity_id: str) -> str | None:
@@ -60,21 +66,31 @@ class Forwarder:
             return f"on partition {message.partition}, not {home} (a partitioner other than murmur2?)"
         return None
 
-    async def forward_pending(self) -> None:
-        """Send every misplaced event to its partition, and wait until every copy is in the broker."""
+    async def forward_pending(self) -> list:
+        """Send every misplaced event to its partition and wait until every copy is in the broker.
+
+        Returns the records of the events the broker would not take (too large): process those here.
+        """
         misplaced, self.pending = self.pending, []
-        if not misplaced:
-            return
-        deliveries = [
-            await self.topic.send(key=entity_id.encode(), value=event.message.value,
-                                  partition=home_partition(entity_id, self.partitions),
-                                  headers=list(event.message.headers or ()))
-            for event, entity_id, _ in misplaced
-        ]
-        await asyncio.gather(*deliveries)
-        self.since_report += len(misplaced)
-        if time.monotonic() - self.last_report >= REPORT_EVERY_S:
-            event, entity_id, why = misplaced[0]
+        unsent = []
+        for event, entity_id, why, record in misplaced:
+            message = event.message
+            try:
+                delivery = await self.topic.send(key=entity_id.encode(), value=message.value,
+                                                 partition=home_partition(entity_id, self.partitions),
+                                                 headers=list(message.headers or ()))
+                await delivery
+            except (KafkaError, ProducerSendError) as err:  # faust wraps the client's refusal
+                log.warning("could not forward %s[%d]@%d (%s; %s): processing it on this partition",
+                            message.topic, message.partition, message.offset, why, describe(err))
+                unsent.append(record)
+        self._report(misplaced, len(misplaced) - len(unsent))
+        return unsent
+
+    def _report(self, misplaced: list, forwarded: int) -> None:
+        self.since_report += forwarded
+        if forwarded and time.monotonic() - self.last_report >= REPORT_EVERY_S:
+            event, entity_id, why, _ = misplaced[0]
             message = event.message
             log.warning(
                 "forwarded %d event(s) to the partition of their %s since the last report, e.g. %s[%d]@%d: %s. "

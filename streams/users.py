@@ -146,18 +146,18 @@ def register(app) -> None:
         offline = OfflineBuffer(stream, models.offline, settings.offline_flush_seconds)
         app.offline_buffers.append(offline)
         async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_ms / 1000):
-            touched: set[str] = set()
+            here: list[UserAction] = []
             for event in events:
                 try:
                     action = parse_user_action(event.value)
                 except InvalidEvent as reason:
                     await app.dead_letters.send_event(event, str(reason))
                     continue
-                if forwarder.misplaced(event, action.user_id):
-                    continue  # its user's history is in the table partition of another worker, maybe
-                if action.action in POSITIVE_ACTIONS and record_action(action):
-                    touched.add(action.user_id)
-            await forwarder.forward_pending()
+                # off its user's partition: forwarded there (the history may live on another worker)
+                if not forwarder.misplaced(event, action.user_id, action):
+                    here.append(action)
+            here += await forwarder.forward_pending()  # the ones too large to forward stay here
+            touched = {a.user_id for a in here if a.action in POSITIVE_ACTIONS and record_action(a)}
             frame = await recompute(models, touched) if touched else None
             offline.add(frame, list(events))
             await offline.flush()
