@@ -58,6 +58,7 @@ class Settings:
     consumer_group: str
     user_history_length: int  # N: the user tower reads the last N positive actions
     unknown_item_wait_seconds: float  # an action on a not-yet-uploaded item waits this long for it
+    index_dtype: str  # how the retrieval index stores vectors: f16 (half the memory of f32, same recall) or f32
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -77,6 +78,8 @@ class Settings:
             raise ValueError(f"COLDSTART_PROFILE must be 'dev' or 'prod', not {self.profile!r}")
         if self.onnx_threads < 0:
             raise ValueError("COLDSTART_ONNX_THREADS must be 0 (ONNX Runtime's default) or more")
+        if self.index_dtype not in ("f16", "f32"):
+            raise ValueError(f"COLDSTART_INDEX_DTYPE must be 'f16' or 'f32', not {self.index_dtype!r}")
         if self.batch_size < 1 or self.batch_window_ms < 1:
             raise ValueError("COLDSTART_BATCH_SIZE and COLDSTART_BATCH_WINDOW_MS must be at least 1")
 
@@ -140,5 +143,6 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "consumer_group": ("COLDSTART_CONSUMER_GROUP", "coldstart-worker"),
     "user_history_length": ("COLDSTART_USER_HISTORY_LENGTH", "50"),
     "unknown_item_wait_seconds": ("COLDSTART_UNKNOWN_ITEM_WAIT_SECONDS", "300"),
+    "index_dtype": ("COLDSTART_INDEX_DTYPE", "f16"),
 }
 _CASTS = {"int": int, "float": float, "Path": Path}

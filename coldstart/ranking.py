@@ -6,13 +6,13 @@
 
     store = open_store(Settings.from_env())
     features = ranking_features(store, "u42", ["book-1", "book-2"])
-    top = recommend(store, "u42", k=10)
+    top = recommend(store, "u42", ["book-1", "book-2"], k=10)
 
 Both read the stored features of the versioned feature service `ranking_v1`
 (feature_repo/feature_services.py) from Feast's online store (coldstart.store),
 and compute its affinity (the cosine of two unit vectors) with numpy. The HTTP
 feature server serves the same service, affinity included, through its
-on-demand view.
+on-demand view. Candidates over the whole catalogue come from coldstart.retrieval.
 """
 
 from __future__ import annotations
@@ -89,11 +89,10 @@ def known_item_ids(store) -> list[str]:
     return sorted(set(table.column("item_id").to_pylist()))
 
 
-def recommend(store, user_id: str, candidates: list[str] | None = None, k: int = 10) -> list[CandidateFeatures]:
-    """The k candidates (default: the whole known catalogue) with the highest affinity to the user."""
-    candidates = candidates if candidates is not None else known_item_ids(store)
+def recommend(store, user_id: str, candidates: list[str], k: int = 10) -> list[CandidateFeatures]:
+    """The k candidates with the highest affinity to the user (the whole catalogue: coldstart.retrieval)."""
     if not candidates:
-        raise ValueError("no candidates: pass some, or upload items first")
+        raise ValueError("no candidates: pass some")
     scored: list[CandidateFeatures] = []
     for start in range(0, len(candidates), MAX_CANDIDATES):
         features = ranking_features(store, user_id, candidates[start : start + MAX_CANDIDATES])

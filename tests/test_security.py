@@ -73,7 +73,7 @@ def test_redis_auth_from_redis_url_reaches_feast(tmp_path):
             redis.Redis(port=server.port).set("k", "v")
         settings = replace(SETTINGS, redis_url=server.url, data_dir=tmp_path, feast_project="auth_test")
         store = feast_store.apply(settings)
-        frame = feast_store.user_embedding_frame(["u1"], [np.ones(4)], [1], "v", [datetime.now(timezone.utc)])
+        frame = feast_store.user_embedding_frame(["u1"], [np.ones(4)], [1], [["i1"]], "v", [datetime.now(timezone.utc)])
         feast_store.push_online(store, USER_PUSH_SOURCE, frame)
         row = store.get_online_features(features=["user_embedding:history_length"],
                                         entity_rows=[{"user_id": "u1"}]).to_dict()

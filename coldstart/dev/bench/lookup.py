@@ -80,9 +80,10 @@ def run_lookup_bench(settings: Settings, sizes: list[int], repeats: int) -> dict
         store = feast_store.apply(settings)
         dim = 64
         feast_store.push_online(store, ITEM_PUSH_SOURCE, feast_store.item_embedding_frame(
-            item_ids, unit(len(item_ids), dim), unit(len(item_ids), 384), item_ids, "bench", [now] * len(item_ids)))
+            item_ids, unit(len(item_ids), dim), unit(len(item_ids), 384), item_ids, [""] * len(item_ids), "bench",
+            [now] * len(item_ids)))
         feast_store.push_online(store, USER_PUSH_SOURCE, feast_store.user_embedding_frame(
-            ["user-0"], unit(1, dim), [10], "bench", [now]))
+            ["user-0"], unit(1, dim), [10], [[]], "bench", [now]))
         with FeatureServerProcess(settings) as server:
             results = []
             service = store.get_feature_service(RANKING_SERVICE, allow_cache=True)
