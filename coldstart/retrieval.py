@@ -93,6 +93,7 @@ class VersionIndex:
 
         self.version = version
         self.ndim = ndim
+        self.stored_as = np.float16 if dtype == "f16" else np.float32
         self.graph = Index(ndim=ndim, metric="cos", dtype=dtype, connectivity=CONNECTIVITY,
                            expansion_add=EXPANSION_ADD, expansion_search=EXPANSION_SEARCH)
         self.slot_of: dict[str, int] = {}
@@ -161,6 +162,7 @@ class VersionIndex:
         if not len(slots):
             return []
         vectors = np.vstack(self.graph.get(slots, dtype=np.float32)).reshape(len(slots), self.ndim)
+        query = query.astype(self.stored_as).astype(np.float32)  # as the graph compares: the same scores either way
         norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(query)
         scores = vectors @ query / np.maximum(norms, 1e-12)
         top = np.argsort(-scores, kind="stable")[:k]

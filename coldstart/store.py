@@ -300,12 +300,15 @@ def _entity_key(join_key: str, value: str) -> EntityKey:
 
 
 def _decode(value: Value):
-    """A Feast Value → a float32 array for a float list, the Python value for a scalar, None for null."""
+    """A Feast Value → a float32 array for a float list, a list for another list, the Python value for a
+    scalar, None for null."""
     kind = value.WhichOneof("val")
     if kind is None or kind == "null_val":
         return None
     if kind == "float_list_val":
         return np.array(value.float_list_val.val, dtype=np.float32)
+    if kind.endswith("_list_val"):
+        return list(getattr(value, kind).val)
     return getattr(value, kind)
 
 
