@@ -1,8 +1,8 @@
 """coldstart: real-time cold-start embeddings (LEARN) served through Feast.
 
-The package is the service's top and bottom; it re-exports only `retrieve`
-(coldstart.retrieval.retrieve), and that lazily, so that importing its bottom
-layer (coldstart.config) loads nothing else. The map,
+The package is the service's top and bottom; it defines only `retrieve`, which
+imports what it needs when called, so that importing its bottom layer
+(coldstart.config) loads nothing else. The map,
 bottom up (README "Architecture"; .importlinter keeps the arrows):
 
 - coldstart.config   settings, read once at the edge, and the shared names
@@ -19,10 +19,14 @@ bottom up (README "Architecture"; .importlinter keeps the arrows):
 """
 
 
-def __getattr__(name: str):
-    """`coldstart.retrieve(...)`, imported on first use (it loads Feast and the index library)."""
-    if name == "retrieve":
-        from coldstart.retrieval import retrieve
+def retrieve(user_id: str, k: int = 100, exclude_seen: bool = True, filter: dict | None = None):
+    """The top k items for a user (coldstart.retrieval.Retriever.retrieve), from a process-wide index.
 
-        return retrieve
-    raise AttributeError(f"module 'coldstart' has no attribute {name!r}")
+    The Python API's edge, as the command line is the shell's: the first call reads the settings from
+    the environment, builds the index (rebuilt from the online store, then following the topic) and
+    waits until it is complete. Feast and the index library load then, not on `import coldstart`.
+    """
+    from coldstart.config import Settings
+    from coldstart.retrieval import retrieve as retrieve_with
+
+    return retrieve_with(Settings.from_env, user_id, k, exclude_seen, filter)

@@ -6,7 +6,7 @@
     retriever = Retriever(Settings.from_env()).start().wait_ready()   # once per process
     retriever.retrieve("u42", k=100, exclude_seen=True, filter={"category": "Comedy"})
 
-(`coldstart.retrieve(...)` does the same with a process-wide retriever built from the environment.)
+(`coldstart.retrieve(user_id, ...)` does the same with a process-wide retriever built from the environment.)
 
 Feast has no vector search on a Redis online store, and Debian's Redis 7 has
 none either, so each serving process keeps its own index: one usearch HNSW
@@ -115,7 +115,7 @@ class VersionIndex:
         usearch removes lazily, and a fresh key never meets the removed one's graph links."""
         self.remove(item_ids)
         slots = np.arange(len(self.items), len(self.items) + len(item_ids), dtype=np.uint64)
-        self.graph.add(slots, np.asarray(vectors, dtype=np.float32), threads=1)
+        self.graph.add(slots, np.asarray(vectors, dtype=np.float32), threads=0)  # every core: a rebuild is the long part
         for slot, item_id, category, event_time in zip(slots.tolist(), item_ids, categories, event_times):
             cats = self._shared.setdefault(categories_of(category), categories_of(category))
             self.slot_of[item_id] = slot
@@ -367,12 +367,11 @@ _default: Retriever | None = None
 _default_lock = threading.Lock()
 
 
-def retrieve(user_id: str, k: int = 100, exclude_seen: bool = True, filter: dict | None = None,
-             settings: Settings | None = None) -> Retrieval:
-    """`Retriever.retrieve` on a process-wide retriever, built on first use from `settings` (default: the
-    environment, read then) and waited for until its index is complete."""
+def retrieve(settings, user_id: str, k: int = 100, exclude_seen: bool = True, filter: dict | None = None) -> Retrieval:
+    """`Retriever.retrieve` on a process-wide retriever, built on first use with `settings()` (a callable: the
+    settings are made once) and waited for until its index is complete (`coldstart.retrieve`)."""
     global _default
     with _default_lock:
         if _default is None:
-            _default = Retriever(settings or Settings.from_env()).start()
+            _default = Retriever(settings()).start()
     return _default.wait_ready().retrieve(user_id, k, exclude_seen, filter)

@@ -71,6 +71,14 @@ def test_feast_internals_coldstart_store_uses():
            parameters(_redis_key)[:3] == ["project", "entity_key", "entity_key_serialization_version"])
     pinned(STORE, "feast.infra.online_stores.helpers._mmh3(key)", len(parameters(_mmh3)) == 1)
     pinned(STORE, "Redis event-time field '_ts:<view>'", "_ts:" in inspect.getsource(RedisOnlineStore))
+    pinned(STORE, "the Redis online store's _get_client(online_store_config)",
+           parameters(RedisOnlineStore._get_client) == ["self", "online_store_config"])
+    pinned(STORE, "Redis keys end with the project name (scan_items matches on it)",
+           "project.encode" in inspect.getsource(_redis_key))
+    from feast.infra.key_encoding_utils import deserialize_entity_key
+
+    pinned(STORE, "feast.infra.key_encoding_utils.deserialize_entity_key(serialized, version)",
+           parameters(deserialize_entity_key)[:2] == ["serialized_entity_key", "entity_key_serialization_version"])
 
 
 def test_feast_feature_server_factory_coldstart_store_uses():

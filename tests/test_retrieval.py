@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-import coldstart
 from coldstart import store as feast_store
 from coldstart.config import ITEM_VIEW
 from coldstart.dev.load import item_event, send_item
@@ -245,7 +244,14 @@ def test_the_python_api_and_the_lookup_route_answer_like_the_server(stack, serve
             retriever.retrieve(kids_user, k=MAX_K + 1)
     finally:
         retriever.stop()
-    assert coldstart.retrieve.__module__ == "coldstart.retrieval"  # the package's lazy entry point
+    # The package's entry point, in a process of its own (its index lives as long as the process):
+    # importing coldstart loads no Feast; the first call reads the environment and builds the index.
+    script = ("import sys, coldstart, coldstart.config; assert 'feast' not in sys.modules; "
+              f"print([r.item_id for r in coldstart.retrieve({kids_user!r}, k=5).items])")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, **stack.settings.as_env(), "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == str([r.item_id for r in found.items])
 
     ids = [r.item_id for r in found.items]
     status, body = post(server, "/ranking-features", {"user_id": kids_user, "item_ids": ids})

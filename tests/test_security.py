@@ -57,6 +57,9 @@ def test_http_read_path_refuses_oversized_malformed_and_write_requests(stack, pr
         "wrong shape": (422, "/get-online-features", json.dumps({"entities": "item_id"}).encode()),
         "a write": (404, "/push", json.dumps({"push_source_name": "item_embeddings_push_source", "df": {}}).encode()),
         "materialize": (404, "/materialize", b"{}"),
+        "too many item ids": (413, "/ranking-features",
+                              json.dumps({"user_id": "u", "item_ids": [f"i{n}" for n in range(MAX_ENTITY_ROWS + 1)]}).encode()),
+        "lookup not JSON": (422, "/ranking-features", b"{not json"),
     }
     for name, (status, path, body) in refused.items():
         got, answer = post(feature_server, path, body)

@@ -25,7 +25,7 @@ SDK_PATH = "feast-sdk (ranking_features: online_read, numpy affinity)"  # the Py
 HTTP_PATH = "feast-http (ranking_v1 + affinity)"
 
 
-def _raw_redis_reader(settings: Settings, user_id: str, item_ids: list[str]):
+def raw_redis_reader(settings: Settings, user_id: str, item_ids: list[str]):
     """HMGET of exactly the keys and fields Feast reads for ranking_v1, pipelined, nothing decoded."""
     client = redis.Redis.from_url(settings.redis_url)
     user_keys, user_fields = feast_store.redis_layout(settings.feast_project, "user_id", [user_id], "user_embedding",
@@ -96,7 +96,7 @@ def run_lookup_bench(settings: Settings, sizes: list[int], repeats: int) -> dict
                     "feast-sdk (ranking_v1, on-demand affinity)":
                         lambda rows=rows: store.get_online_features(features=service, entity_rows=rows).to_dict(),
                     HTTP_PATH: _http_reader(server.port, "user-0", ids),
-                    "raw-redis (same keys)": _raw_redis_reader(settings, "user-0", ids),
+                    "raw-redis (same keys)": raw_redis_reader(settings, "user-0", ids),
                 }
                 timings = {name: [] for name in readers}
                 for _ in range(repeats):  # interleaved: every method sees the same machine state
