@@ -1,4 +1,4 @@
-"""The read path for ranking: one user and their candidate items, in one online-store round trip per view.
+"""The read path for ranking: one user and their candidate items, in one online-store round trip.
 
     from coldstart.config import Settings
     from coldstart.ranking import ranking_features, recommend
@@ -55,9 +55,8 @@ def ranking_features(store, user_id: str, item_ids: list[str]) -> RankingFeature
         raise ValueError("the candidate list is empty: pass at least one item_id")
     if len(item_ids) > MAX_CANDIDATES:
         raise ValueError(f"{len(item_ids)} candidates is more than {MAX_CANDIDATES} per call; split the list")
-    columns = {}
-    for stored in _stored_views(store):
-        columns.update(feast_store.online_read(store, stored, [user_id] if stored.join_key == "user_id" else item_ids))
+    columns = feast_store.online_read_views(
+        store, [(stored, [user_id] if stored.join_key == "user_id" else item_ids) for stored in _stored_views(store)])
     user_vector = columns["user_embedding"][0]
     item_vectors, titles = columns["item_embedding"], columns["title"]
     known = [row for row, vector in enumerate(item_vectors) if vector is not None]

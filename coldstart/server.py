@@ -15,7 +15,7 @@ a Python object and back (a 1-user + 100-item lookup at ~11x the p99 of raw
 redis-py, BENCHMARKS.md), and the retrieval index must live in the serving
 process, which Feast's app does not own. This one is a bare ASGI app on uvicorn
 (httptools, uvloop): the lookup is coldstart.ranking's (one pipelined Redis
-round trip per view, numpy affinity), retrieval is the in-process index
+round trip for every view, numpy affinity), retrieval is the in-process index
 (coldstart.retrieval), responses are encoded by orjson (numpy arrays
 natively); `coldstart bench lookup` and `bench retrieve` measure both against
 raw redis-py in one run. Feast's route stays for its clients.
