@@ -49,10 +49,9 @@ EXACT_LIMIT = 10_000
 # A filter keeping at most this many items is answered from their vectors alone; a broader one by
 # searching for more neighbours than asked and keeping the matching ones.
 EXACT_FILTER_LIMIT = 4_096
-# HNSW parameters (BENCHMARKS.md, retrieve): 16 links per node, build beam 64, search beam at least 128.
+# HNSW parameters (BENCHMARKS.md, retrieve): 16 links per node, build beam 64; the search beam is a setting.
 CONNECTIVITY = 16
 EXPANSION_ADD = 64
-EXPANSION_SEARCH = 128
 TOPIC = "item-embeddings"
 # How far before the start the topic is read again: covers producers' clock skew. Re-reading is harmless.
 REPLAY_MARGIN_S = 60.0
@@ -88,14 +87,14 @@ def towers_version(item_version: str) -> str:
 class VersionIndex:
     """The item vectors of one model version: a usearch graph keyed by slot, and the slot ↔ item maps."""
 
-    def __init__(self, version: str, ndim: int, dtype: str):
+    def __init__(self, version: str, ndim: int, dtype: str, expansion_search: int):
         from usearch.index import Index
 
         self.version = version
         self.ndim = ndim
         self.stored_as = np.float16 if dtype == "f16" else np.float32
         self.graph = Index(ndim=ndim, metric="cos", dtype=dtype, connectivity=CONNECTIVITY,
-                           expansion_add=EXPANSION_ADD, expansion_search=EXPANSION_SEARCH)
+                           expansion_add=EXPANSION_ADD, expansion_search=expansion_search)
         self.slot_of: dict[str, int] = {}
         self.items: list[str | None] = []  # slot → item id (None: a freed slot)
         self.times = array("d")  # slot → event time of its vector (epoch seconds)
@@ -294,8 +293,8 @@ class Retriever:
                     vectors = np.stack([items[i][0] for i in ids])
                     index = self.indexes.get(version)
                     if index is None:
-                        index = self.indexes[version] = VersionIndex(version, vectors.shape[1],
-                                                                         self.settings.index_dtype)
+                        index = self.indexes[version] = VersionIndex(version, vectors.shape[1], self.settings.index_dtype,
+                                                                         self.settings.index_expansion_search)
                     index.put(ids, vectors, [items[i][1] for i in ids], [items[i][2] for i in ids])
 
     def _remove(self, item_id: str, event_time: float, pending: dict) -> None:

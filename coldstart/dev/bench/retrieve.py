@@ -100,7 +100,7 @@ def run_index_bench(settings: Settings, base: np.ndarray, count: int, noise: flo
 
     process = psutil.Process()
     rss_before = process.memory_info().rss
-    index = VersionIndex("bench", base.shape[1], settings.index_dtype)
+    index = VersionIndex("bench", base.shape[1], settings.index_dtype, settings.index_expansion_search)
     started = time.perf_counter()
     with tqdm(total=count, desc="building the index", unit="item") as progress:
         for start in range(0, count, chunk):
@@ -126,7 +126,8 @@ def run_index_bench(settings: Settings, base: np.ndarray, count: int, noise: flo
         found = {int(r.item_id[5:]) for r in index.search(query, K, set(), None)}
         recalls.append(len(found & set(exact.tolist())) / K)
     return {
-        "items": count, "dim": int(base.shape[1]), "dtype": settings.index_dtype, "noise": noise,
+        "items": count, "dim": int(base.shape[1]), "dtype": settings.index_dtype,
+        "expansion_search": settings.index_expansion_search, "noise": noise,
         "build_s": round(build_s, 1), "bytes_per_item": round(bytes_per_item),
         "index_bytes_per_item": round(index.graph.serialized_length / count),
         "p50_ms": round(float(np.percentile(timings, 50)), 3), "p99_ms": round(float(np.percentile(timings, 99)), 3),
