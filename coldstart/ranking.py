@@ -80,7 +80,7 @@ def _stored_views(store):
 
 
 def known_item_ids(store) -> list[str]:
-    """Every item the service has written to the offline store (the catalogue to rank)."""
+    """Every item the service has written to the offline store, removed ones included."""
     folder = feast_store.offline_table(store, ITEM_VIEW).path
     if not any(folder.glob("*.parquet")):
         return []
