@@ -197,6 +197,23 @@ def test_a_deleted_item_is_never_returned_and_a_re_upload_replaces_it(stack, pro
     assert feast_store.item_titles(stack.store, [film["item_id"]]) == {film["item_id"]: "Babe (1995)"}
 
 
+def test_a_removal_survives_materialize(stack, producer):
+    """`coldstart materialize` rebuilds the online store from the offline rows: the removal row wins there too."""
+    item = {"item_id": unique_id("materialized"), "title": "Heidi (1937)", "category": "Children's"}
+    uploaded_at = datetime.now(timezone.utc)
+    send_item(producer, item_event(item, uploaded_at))
+    send_item(producer, {"item_id": item["item_id"], "deleted": True,
+                         "uploaded_at": (uploaded_at + timedelta(seconds=1)).isoformat()})
+    producer.flush()
+    folder = feast_store.offline_table(stack.store, ITEM_VIEW).path
+    wait_for(lambda: any(row["item_id"] == item["item_id"] and row["deleted"] for row in ds.dataset(
+        folder, format="parquet").to_table(columns=["item_id", "deleted"]).to_pylist()), 30, "the removal row offline")
+    stack.store.materialize(start_date=uploaded_at - timedelta(minutes=1), end_date=datetime.now(timezone.utc))
+    assert not feast_store.read_item_features(stack.store, [item["item_id"]])
+    scanned = {i: v for page in feast_store.scan_items(stack.store) for i, v in zip(page.item_ids, page.vectors)}
+    assert item["item_id"] in scanned and scanned[item["item_id"]] is None  # a removal for a rebuilding replica
+
+
 def test_a_restarted_replica_answers_with_every_item(stack, producer, server, items, kids_user):
     before = set(retrieved(server, kids_user, k=MAX_K, exclude_seen=False))
     assert {i["item_id"] for i in items} <= before
