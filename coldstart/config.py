@@ -63,6 +63,8 @@ class Settings:
     producer_compression: str  # of the worker's own records: none or one of COMPRESSION_CODECS
     user_history_length: int  # N: the user tower reads the last N positive actions
     unknown_item_wait_seconds: float  # an action on a not-yet-uploaded item waits this long for it
+    index_dtype: str  # how the retrieval index stores vectors: f16 (half the memory of f32, same recall) or f32
+    index_expansion_search: int  # the graph search's beam (at least k): higher finds more of the true top k, slower
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -82,6 +84,10 @@ class Settings:
             raise ValueError(f"COLDSTART_PROFILE must be 'dev' or 'prod', not {self.profile!r}")
         if self.onnx_threads < 0:
             raise ValueError("COLDSTART_ONNX_THREADS must be 0 (ONNX Runtime's default) or more")
+        if self.index_expansion_search < 1:
+            raise ValueError("COLDSTART_INDEX_EXPANSION_SEARCH must be at least 1")
+        if self.index_dtype not in ("f16", "f32"):
+            raise ValueError(f"COLDSTART_INDEX_DTYPE must be 'f16' or 'f32', not {self.index_dtype!r}")
         if self.batch_size < 1 or self.batch_window_ms < 1:
             raise ValueError("COLDSTART_BATCH_SIZE and COLDSTART_BATCH_WINDOW_MS must be at least 1")
         if self.producer_compression not in ("none", *COMPRESSION_CODECS):
@@ -154,5 +160,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "producer_compression": ("COLDSTART_PRODUCER_COMPRESSION", "none"),
     "user_history_length": ("COLDSTART_USER_HISTORY_LENGTH", "50"),
     "unknown_item_wait_seconds": ("COLDSTART_UNKNOWN_ITEM_WAIT_SECONDS", "300"),
+    "index_dtype": ("COLDSTART_INDEX_DTYPE", "f16"),
+    "index_expansion_search": ("COLDSTART_INDEX_EXPANSION_SEARCH", "128"),
 }
 _CASTS = {"int": int, "float": float, "Path": Path}

@@ -1,4 +1,4 @@
-"""The read path for ranking: one user and their candidate items, in one online-store round trip per view.
+"""The read path for ranking: one user and their candidate items, in one online-store round trip.
 
     from coldstart.config import Settings
     from coldstart.ranking import ranking_features, recommend
@@ -6,13 +6,13 @@
 
     store = open_store(Settings.from_env())
     features = ranking_features(store, "u42", ["book-1", "book-2"])
-    top = recommend(store, "u42", k=10)
+    top = recommend(store, "u42", ["book-1", "book-2"], k=10)
 
 Both read the stored features of the versioned feature service `ranking_v1`
 (feature_repo/feature_services.py) from Feast's online store (coldstart.store),
 and compute its affinity (the cosine of two unit vectors) with numpy. The HTTP
 feature server serves the same service, affinity included, through its
-on-demand view.
+on-demand view. Candidates over the whole catalogue come from coldstart.retrieval.
 """
 
 from __future__ import annotations
@@ -55,9 +55,8 @@ def ranking_features(store, user_id: str, item_ids: list[str]) -> RankingFeature
         raise ValueError("the candidate list is empty: pass at least one item_id")
     if len(item_ids) > MAX_CANDIDATES:
         raise ValueError(f"{len(item_ids)} candidates is more than {MAX_CANDIDATES} per call; split the list")
-    columns = {}
-    for stored in _stored_views(store):
-        columns.update(feast_store.online_read(store, stored, [user_id] if stored.join_key == "user_id" else item_ids))
+    columns = feast_store.online_read_views(
+        store, [(stored, [user_id] if stored.join_key == "user_id" else item_ids) for stored in _stored_views(store)])
     user_vector = columns["user_embedding"][0]
     item_vectors, titles = columns["item_embedding"], columns["title"]
     known = [row for row, vector in enumerate(item_vectors) if vector is not None]
@@ -81,7 +80,7 @@ def _stored_views(store):
 
 
 def known_item_ids(store) -> list[str]:
-    """Every item the service has written to the offline store (the catalogue to rank)."""
+    """Every item the service has written to the offline store, removed ones included."""
     folder = feast_store.offline_table(store, ITEM_VIEW).path
     if not any(folder.glob("*.parquet")):
         return []
@@ -89,11 +88,10 @@ def known_item_ids(store) -> list[str]:
     return sorted(set(table.column("item_id").to_pylist()))
 
 
-def recommend(store, user_id: str, candidates: list[str] | None = None, k: int = 10) -> list[CandidateFeatures]:
-    """The k candidates (default: the whole known catalogue) with the highest affinity to the user."""
-    candidates = candidates if candidates is not None else known_item_ids(store)
+def recommend(store, user_id: str, candidates: list[str], k: int = 10) -> list[CandidateFeatures]:
+    """The k candidates with the highest affinity to the user (the whole catalogue: coldstart.retrieval)."""
     if not candidates:
-        raise ValueError("no candidates: pass some, or upload items first")
+        raise ValueError("no candidates: pass some")
     scored: list[CandidateFeatures] = []
     for start in range(0, len(candidates), MAX_CANDIDATES):
         features = ranking_features(store, user_id, candidates[start : start + MAX_CANDIDATES])

@@ -1,7 +1,7 @@
 """The Feast adapter: configuration, apply, writes, reads. The only module that touches Feast internals.
 
-Every use of a Feast internal (the provider's `online_read`, the Redis key
-and field layout, the feature server's app factory) is here, and
+Every use of a Feast internal (the Redis key and field layout, the online
+store's client, the feature server's app factory) is here, and
 tests/test_library_internals.py pins each one's name and signature, so an
 upgrade of Feast fails there, naming this module, instead of somewhere
 downstream.
@@ -15,6 +15,7 @@ source's folder, which `feast materialize` reads as one dataset.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 import uuid
@@ -31,11 +32,12 @@ from feast import Entity, FeatureService, FeatureStore, FeatureView, FileSource,
 from feast.data_source import PushMode
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
+from google.protobuf.timestamp_pb2 import Timestamp
 from feast.repo_config import RepoConfig
-from feast.types import Array, Float32, Float64, Int64, String
+from feast.types import Array, Bool, Float32, Float64, Int64, String
 
 import feature_repo
-from coldstart.config import Settings
+from coldstart.config import ITEM_VIEW, Settings
 
 FEATURE_REPO = Path(feature_repo.__file__).resolve().parent
 ENTITY_KEY_SERIALIZATION = 3
@@ -108,8 +110,8 @@ def apply(settings: Settings) -> FeatureStore:
 
 # ---- offline store ------------------------------------------------------------
 
-_ARROW_TYPES = {Array(Float32): pa.list_(pa.float32()), String: pa.string(), Int64: pa.int64(),
-                Float32: pa.float32(), Float64: pa.float64()}
+_ARROW_TYPES = {Array(Float32): pa.list_(pa.float32()), Array(String): pa.list_(pa.string()), String: pa.string(),
+                Int64: pa.int64(), Float32: pa.float32(), Float64: pa.float64(), Bool: pa.bool_()}
 
 
 def offline_schema(view: FeatureView) -> pa.Schema:
@@ -147,7 +149,8 @@ def offline_table(store: FeatureStore, view_name: str) -> OfflineTable:
 
 # ---- writes ------------------------------------------------------------------
 
-def item_embedding_frame(item_ids, vectors, content_vectors, titles, model_version: str, event_times) -> pd.DataFrame:
+def item_embedding_frame(item_ids, vectors, content_vectors, titles, categories, model_version: str,
+                         event_times) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "item_id": list(item_ids),
@@ -155,18 +158,34 @@ def item_embedding_frame(item_ids, vectors, content_vectors, titles, model_versi
             "content_embedding": [v.astype("float32").tolist() for v in content_vectors],
             "title": list(titles),
             "model_version": model_version,
+            "category": list(categories),
+            "deleted": False,
             "event_timestamp": pd.to_datetime(list(event_times), utc=True),
         }
     )
 
 
-def user_embedding_frame(user_ids, vectors, history_lengths, model_version: str, event_times) -> pd.DataFrame:
+def item_removal_frame(item_ids, model_version: str, event_times) -> pd.DataFrame:
+    """Offline rows recording removals: no vectors, `deleted` true (materialize then writes no vector online)."""
+    count = len(item_ids)
+    return pd.DataFrame(
+        {
+            "item_id": list(item_ids), "item_embedding": [None] * count, "content_embedding": [None] * count,
+            "title": [None] * count, "model_version": model_version, "category": [None] * count, "deleted": True,
+            "event_timestamp": pd.to_datetime(list(event_times), utc=True),
+        }
+    )
+
+
+def user_embedding_frame(user_ids, vectors, history_lengths, seen_item_ids, model_version: str,
+                         event_times) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "user_id": list(user_ids),
             "user_embedding": [np.asarray(v, dtype="float32").tolist() for v in vectors],
             "history_length": list(history_lengths),
             "model_version": model_version,
+            "seen_item_ids": [list(seen) for seen in seen_item_ids],
             "event_timestamp": pd.to_datetime(list(event_times), utc=True),
         }
     )
@@ -175,6 +194,43 @@ def user_embedding_frame(user_ids, vectors, history_lengths, model_version: str,
 def push_online(store: FeatureStore, push_source: str, frame: pd.DataFrame) -> None:
     """Write to Redis through Feast; an older event time never overwrites a newer one."""
     store.push(push_source, frame, to=PushMode.ONLINE)
+
+
+def delete_online(store: FeatureStore, view_name: str, join_key: str, ids: list[str], event_times) -> list[bool]:
+    """Remove entities' features from the online store, newest event time winning as for pushes.
+
+    The features' fields go (HDEL) and the event-time field stays, set to the removal's time, so an
+    older upload replayed later is refused by Feast's own check, and a newer one writes again.
+    Returns, per entity, whether the removal was newer than what was stored (and so applied).
+    One worker holds an entity's partition, so the read-then-write is not raced (as in Feast's write).
+    """
+    from feast.infra.online_stores.helpers import _mmh3, _redis_key
+
+    view = store.get_feature_view(view_name, allow_registry_cache=True)
+    client = store._get_provider().online_store._get_client(store.config.online_store)
+    keys = [_redis_key(store.config.project, _entity_key(join_key, i), ENTITY_KEY_SERIALIZATION) for i in ids]
+    ts_field = f"_ts:{view_name}"
+    feature_fields = [_mmh3(f"{view_name}:{feature.name}") for feature in view.features]
+    with client.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hget(key, ts_field)
+        stored = pipe.execute()
+    applied = []
+    with client.pipeline(transaction=False) as pipe:
+        for key, previous, event_time in zip(keys, stored, event_times):
+            stamp = Timestamp()
+            stamp.FromDatetime(pd.Timestamp(event_time).to_pydatetime())
+            newer = previous is None or _nanos(stamp) > _nanos(Timestamp.FromString(previous))
+            if newer:
+                pipe.hdel(key, *feature_fields)
+                pipe.hset(key, ts_field, stamp.SerializeToString())
+            applied.append(newer)
+        pipe.execute()
+    return applied
+
+
+def _nanos(stamp: Timestamp) -> int:
+    return stamp.seconds * 1_000_000_000 + stamp.nanos
 
 
 # ---- reads -------------------------------------------------------------------
@@ -207,27 +263,77 @@ def stored_views(store: FeatureStore, service_name: str) -> tuple[StoredView, ..
     """The service's stored (not on-demand) views with the features it asks of each."""
     service = store.get_feature_service(service_name, allow_cache=True)
     on_demand = {view.name for view in store.list_on_demand_feature_views(allow_cache=True)}
-    views = []
-    for projection in service.feature_view_projections:
-        if projection.name not in on_demand:
-            view = store.get_feature_view(projection.name, allow_registry_cache=True)
-            views.append(StoredView(view, view.entity_columns[0].name, tuple(f.name for f in projection.features)))
-    return tuple(views)
+    return tuple(stored_view(store, projection.name, [f.name for f in projection.features])
+                 for projection in service.feature_view_projections if projection.name not in on_demand)
+
+
+def stored_view(store: FeatureStore, view_name: str, features) -> StoredView:
+    """Some features of one stored view, for online_read."""
+    view = store.get_feature_view(view_name, allow_registry_cache=True)
+    return StoredView(view, view.entity_columns[0].name, tuple(features))
 
 
 def online_read(store: FeatureStore, stored: StoredView, keys: list[str]) -> dict[str, list]:
-    """feature → one decoded value per key (None where the entity has no row), in one pipelined round trip.
+    """feature → one decoded value per key (None where the entity has no row), in one pipelined round trip."""
+    return online_read_views(store, [(stored, keys)])
 
-    The provider's `online_read` rather than `get_online_features`, whose per-entity
-    Python work (request context, response protos) made a lookup of 1 user + 100
-    items 3.6x a raw Redis read (BENCHMARKS.md, lookup).
+
+def online_read_views(store: FeatureStore, requests: list[tuple[StoredView, list[str]]]) -> dict[str, list]:
+    """online_read of several views (feature names must not repeat across them) in ONE pipelined round trip.
+
+    An HMGET per entity of exactly the hash fields Feast writes, as Feast's own
+    `online_read` does, without its per-entity Python work (entity-key
+    serialization, Timestamp and dict per row) or `get_online_features`' (request
+    context, response protos), which made a lookup of 1 user + 100 items 3.6x a
+    raw Redis read (BENCHMARKS.md, lookup). Redis keys are cached per entity id.
     """
-    rows = store._get_provider().online_read(
-        config=store.config, table=stored.view, requested_features=list(stored.features),
-        entity_keys=[_entity_key(stored.join_key, key) for key in keys],
-    )
-    return {feature: [_decode(values[feature]) if values and feature in values else None for _, values in rows]
-            for feature in stored.features}
+    client = store._get_provider().online_store._get_client(store.config.online_store)
+    with client.pipeline(transaction=False) as pipe:
+        for stored, keys in requests:
+            fields = _hash_fields(stored.view.name, stored.features)
+            for key in keys:
+                pipe.hmget(_redis_key_of(store.config.project, stored.join_key, key), fields)
+        rows = iter(pipe.execute())
+    columns: dict[str, list] = {}
+    for stored, keys in requests:
+        values = [next(rows) for _ in keys]
+        for position, feature in enumerate(stored.features):
+            columns[feature] = [_decode_bytes(row[position]) for row in values]
+    return columns
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_fields(view_name: str, features: tuple[str, ...]) -> list:
+    from feast.infra.online_stores.helpers import _mmh3
+
+    return [_mmh3(f"{view_name}:{feature}") for feature in features]
+
+
+@functools.lru_cache(maxsize=200_000)
+def _redis_key_of(project: str, join_key: str, value: str) -> bytes:
+    from feast.infra.online_stores.helpers import _redis_key
+
+    return _redis_key(project, _entity_key(join_key, value), ENTITY_KEY_SERIALIZATION)
+
+
+def _decode_bytes(raw: bytes | None):
+    """A stored Value's bytes → as _decode; a float list straight from its packed bytes (the wire
+    format ends with them), which is most of a lookup's decoding time."""
+    if not raw:
+        return None
+    value = Value.FromString(raw)
+    if value.WhichOneof("val") == "float_list_val":
+        count = len(value.float_list_val.val)
+        return np.frombuffer(raw, dtype="<f4", count=count, offset=len(raw) - 4 * count).copy()
+    return _decode(value)
+
+
+def item_titles(store: FeatureStore, item_ids: list[str]) -> dict[str, str]:
+    """item_id → title for the items the online store has."""
+    if not item_ids:
+        return {}
+    titles = online_read(store, stored_view(store, ITEM_VIEW, ["title"]), item_ids)["title"]
+    return {item_id: title for item_id, title in zip(item_ids, titles) if title is not None}
 
 
 def _entity_key(join_key: str, value: str) -> EntityKey:
@@ -235,13 +341,71 @@ def _entity_key(join_key: str, value: str) -> EntityKey:
 
 
 def _decode(value: Value):
-    """A Feast Value → a float32 array for a float list, the Python value for a scalar, None for null."""
+    """A Feast Value → a float32 array for a float list, a list for another list, the Python value for a
+    scalar, None for null."""
     kind = value.WhichOneof("val")
     if kind is None or kind == "null_val":
         return None
     if kind == "float_list_val":
         return np.array(value.float_list_val.val, dtype=np.float32)
+    if kind.endswith("_list_val"):
+        return list(getattr(value, kind).val)
     return getattr(value, kind)
+
+
+@dataclass
+class StoredItems:
+    """One page of the online store's items (scan_items): vectors, or removals (vector None)."""
+
+    item_ids: list[str]
+    vectors: list[np.ndarray | None]  # None: removed (only the event time is left)
+    model_versions: list[str | None]
+    categories: list[str]
+    event_times: list[float]  # epoch seconds
+
+
+def scan_items(store: FeatureStore, page: int = 2000):
+    """Every item in the online store, page by page (Redis SCAN over the project's keys): what a retrieval
+    replica rebuilds its index from. Items written while the scan runs may be missed; the caller reads
+    them from the item-embeddings topic."""
+    from feast.infra.key_encoding_utils import deserialize_entity_key
+    from feast.infra.online_stores.helpers import _mmh3, _redis_key
+
+    client = store._get_provider().online_store._get_client(store.config.online_store)
+    suffix = store.config.project.encode()
+    fields = [_mmh3(f"{ITEM_VIEW}:{f}") for f in ("item_embedding", "model_version", "category")]
+    fields.append(f"_ts:{ITEM_VIEW}")
+    pattern = b"*" + suffix  # Feast project names are letters, digits and underscores: no glob characters
+    cursor = 0
+    while True:
+        cursor, keys = client.scan(cursor, match=pattern, count=page)
+        item_keys, item_ids = [], []
+        for key in keys:
+            try:
+                entity = deserialize_entity_key(key[: -len(suffix)], ENTITY_KEY_SERIALIZATION)
+            except Exception:  # another project whose name ends with ours: not an entity key of ours
+                continue
+            if list(entity.join_keys) == ["item_id"] and _redis_key(store.config.project, entity,
+                                                                    ENTITY_KEY_SERIALIZATION) == key:
+                item_keys.append(key)
+                item_ids.append(entity.entity_values[0].string_val)
+        if item_keys:
+            with client.pipeline(transaction=False) as pipe:
+                for key in item_keys:
+                    pipe.hmget(key, fields)
+                rows = pipe.execute()
+            found = StoredItems([], [], [], [], [])
+            for item_id, (vector, version, category, stamp) in zip(item_ids, rows):
+                if stamp is None:
+                    continue  # another view's hash under an item key
+                found.item_ids.append(item_id)
+                found.vectors.append(_decode(Value.FromString(vector)) if vector else None)
+                found.model_versions.append(_decode(Value.FromString(version)) if version else None)
+                found.categories.append((_decode(Value.FromString(category)) if category else None) or "")
+                found.event_times.append(_nanos(Timestamp.FromString(stamp)) / 1e9)
+            yield found
+        if cursor == 0:
+            return
 
 
 def redis_layout(project: str, join_key: str, entity_ids: list[str], view: str, features: list[str]):

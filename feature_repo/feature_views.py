@@ -3,7 +3,7 @@
 import numpy as np
 from feast import FeatureView, Field
 from feast.on_demand_feature_view import on_demand_feature_view
-from feast.types import Array, Float32, Float64, Int64, String
+from feast.types import Array, Bool, Float32, Float64, Int64, String
 
 from feature_repo.data_sources import item_embeddings_push_source, user_embeddings_push_source
 from feature_repo.entities import item, user
@@ -18,6 +18,8 @@ item_embedding_fv = FeatureView(
         Field(name="content_embedding", dtype=Array(Float32), description="Frozen-LLM content embedding (CEG), the user tower's input"),
         Field(name="title", dtype=String, description="Item title, for display"),
         Field(name="model_version", dtype=String, description="Encoder and tower versions that produced the vectors"),
+        Field(name="category", dtype=String, description="Item category (comma-separated for several), for retrieval filters"),
+        Field(name="deleted", dtype=Bool, description="True on the offline row that records the item's removal"),
     ],
     source=item_embeddings_push_source,
     online=True,
@@ -35,6 +37,7 @@ user_embedding_fv = FeatureView(
         Field(name="user_embedding", dtype=Array(Float32), description="L2-normalised user vector (user tower)"),
         Field(name="history_length", dtype=Int64, description="Positive actions the vector was computed from"),
         Field(name="model_version", dtype=String, description="Tower version that produced the vector"),
+        Field(name="seen_item_ids", dtype=Array(String), description="Items of the history, left out of retrieval"),
     ],
     source=user_embeddings_push_source,
     online=True,

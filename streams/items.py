@@ -1,5 +1,10 @@
 """The item agent: item-uploads → validate → micro-batch → CEG (ONNX) → item tower → Feast → item-embeddings.
 
+A removal (`"deleted": true`) takes the item's features out of the online
+store (newest event time wins, as for uploads), records a `deleted` row in the
+offline store and is published on item-embeddings, so every retrieval replica
+drops the item from its index.
+
 Delivery is at-least-once (streams.sinks): an event is acknowledged only after
 its vector is in the online store and its offline row in a parquet part file; a
 replay writes the same value with the same event time, which the online store
@@ -12,6 +17,7 @@ import asyncio
 import logging
 
 import numpy as np
+import pandas as pd
 
 from coldstart import store as feast_store
 from coldstart.config import ITEM_PUSH_SOURCE, ITEM_VIEW, Settings
@@ -69,22 +75,38 @@ def register(app) -> None:
                 if not forwarder.misplaced(event, item.item_id, item):
                     valid.append(item)
             valid += await forwarder.forward_pending()
-            frame = await write_embeddings(app, models, valid) if valid else None
-            offline.add(frame, list(events))
+            uploads = [item for item in valid if not item.deleted]
+            removals = [item for item in valid if item.deleted]
+            # Either order is right: the online store keeps whichever of an upload and a removal is newer.
+            frames = ([await write_embeddings(app, models, uploads)] if uploads else []) + (
+                [await write_removals(app, models, removals)] if removals else [])
+            offline.add(pd.concat(frames) if frames else None, list(events))
             await offline.flush()
 
 
 async def write_embeddings(app, models: ItemModels, items: list[ItemUpload]):
     content, vectors = await asyncio.get_running_loop().run_in_executor(app.model_executor, models.encode, items)
     frame = feast_store.item_embedding_frame(
-        [i.item_id for i in items], vectors, content, [i.title[:200] for i in items], models.version,
-        [i.uploaded_at for i in items],
+        [i.item_id for i in items], vectors, content, [i.title[:200] for i in items], [i.category for i in items],
+        models.version, [i.uploaded_at for i in items],
     )
     await retry_forever("online write", feast_store.push_online, models.store, ITEM_PUSH_SOURCE, frame)
     for item, vector in zip(items, vectors):
         await app.item_embeddings_topic.send(
             key=item.item_id.encode(),
             value=ItemEmbedding(item_id=item.item_id, vector=vector.tolist(), model_version=models.version,
-                                event_time=item.uploaded_at),
+                                event_time=item.uploaded_at, category=item.category),
         )
     return frame
+
+
+async def write_removals(app, models: ItemModels, items: list[ItemUpload]):
+    ids, times = [i.item_id for i in items], [i.uploaded_at for i in items]
+    await retry_forever("online removal", feast_store.delete_online, models.store, ITEM_VIEW, "item_id", ids, times)
+    for item in items:  # published even where an upload was newer: each replica applies newest-wins itself
+        await app.item_embeddings_topic.send(
+            key=item.item_id.encode(),
+            value=ItemEmbedding(item_id=item.item_id, vector=[], model_version=models.version,
+                                event_time=item.uploaded_at, deleted=True),
+        )
+    return feast_store.item_removal_frame(ids, models.version, times)

@@ -9,11 +9,12 @@ import faust
 
 
 class ItemUpload(faust.Record, serializer="json", isodates=True):
-    """A new item on `item-uploads` (key: item_id). Validated by streams.validation."""
+    """A new item on `item-uploads` (key: item_id), or its removal (`deleted`). Validated by streams.validation."""
 
     item_id: str
-    title: str
-    uploaded_at: datetime  # event time: a newer upload of the same item_id replaces an older one
+    title: str  # empty for a removal
+    uploaded_at: datetime  # event time: a newer upload (or removal) of the same item_id replaces an older one
+    deleted: bool = False  # take the item down: out of the online store, the index and every later result
     description: str = ""
     category: str = ""
     brand: str = ""
@@ -22,12 +23,15 @@ class ItemUpload(faust.Record, serializer="json", isodates=True):
 
 
 class ItemEmbedding(faust.Record, serializer="json", isodates=True):
-    """Published on `item-embeddings` once the vector is in the online store."""
+    """Published on `item-embeddings` once the online store has the vector (or the removal): what the
+    retrieval index of every serving replica follows (coldstart.retrieval)."""
 
     item_id: str
-    vector: List[float]
+    vector: List[float]  # empty for a removal
     model_version: str
     event_time: datetime
+    category: str = ""  # for retrieval filters
+    deleted: bool = False
 
 
 class DeadLetter(faust.Record, serializer="json", isodates=True):

@@ -135,7 +135,9 @@ def register(app) -> None:
         # Stamped with the time of computation: the table holds the whole history in event-time
         # order, so a later computation always knows at least as much as an earlier one.
         now = datetime.now(timezone.utc)
-        frame = feast_store.user_embedding_frame(users, vectors, lengths, models.towers.version, [now] * len(users))
+        seen = [[e.item_id for e in histories[u]] for u in users]  # retrieval leaves these out
+        frame = feast_store.user_embedding_frame(users, vectors, lengths, seen, models.towers.version,
+                                                 [now] * len(users))
         await retry_forever("online write", feast_store.push_online, models.store, USER_PUSH_SOURCE, frame)
         return frame
 

@@ -8,6 +8,8 @@ Rules for item uploads:
   with ITEM_TOMBSTONE, which names the removal event;
 - a JSON object with `item_id` (non-empty string), `title` (string) and
   `uploaded_at` (ISO-8601 with a time zone, or epoch seconds);
+- a removal is `{"item_id": …, "deleted": true, "uploaded_at": …}` (other fields
+  ignored); `deleted` must be a boolean, and `false` means an ordinary upload;
 - event times (`uploaded_at`, `occurred_at`) between 1970 and MAX_FUTURE ahead
   of this worker's clock: a far-future time would stay "newest" and shadow every
   later update;
@@ -57,6 +59,11 @@ def parse_item_upload(raw: bytes | None) -> ItemUpload:
         raise InvalidEvent(ITEM_TOMBSTONE)
     data = _json_object(raw)
     item_id = _identifier(data, "item_id")
+    deleted = data.get("deleted", False)
+    if not isinstance(deleted, bool):
+        raise InvalidEvent(f"deleted must be true or false, got {type(deleted).__name__}")
+    if deleted:
+        return ItemUpload(item_id=item_id, title="", uploaded_at=_event_time(data, "uploaded_at"), deleted=True)
     title = _text(_required_str(data, "title"))
     description = _text(_optional_str(data, "description"))
     if not title.strip() and not description.strip():

@@ -77,18 +77,35 @@ def test_the_patched_transports_build(stack):
     pinned(PATCHES, "faust Transport.Consumer", issubclass(Transport.Consumer, DevTransport.Consumer.__mro__[1]))
 
 
+def _float_list_bytes_end_with_the_floats() -> bool:
+    import numpy as np
+    from feast.protos.feast.types.Value_pb2 import FloatList, Value
+
+    floats = np.arange(64, dtype="<f4") / 7
+    raw = Value(float_list_val=FloatList(val=floats.tolist())).SerializeToString()
+    return raw.endswith(floats.tobytes())
+
+
 def test_feast_internals_coldstart_store_uses():
     from feast import FeatureStore
     from feast.infra.online_stores.helpers import _mmh3, _redis_key
     from feast.infra.online_stores.redis import RedisOnlineStore
 
     pinned(STORE, "FeatureStore._get_provider()", parameters(FeatureStore._get_provider) == ["self"])
-    pinned(STORE, "the online store's online_read(config, table, entity_keys, requested_features)",
-           parameters(RedisOnlineStore.online_read)[:5] == ["self", "config", "table", "entity_keys", "requested_features"])
+    pinned(STORE, "a float-list Value's bytes end with its packed floats (online_read_views decodes them so)",
+           _float_list_bytes_end_with_the_floats())
     pinned(STORE, "feast.infra.online_stores.helpers._redis_key(project, entity_key, entity_key_serialization_version)",
            parameters(_redis_key)[:3] == ["project", "entity_key", "entity_key_serialization_version"])
     pinned(STORE, "feast.infra.online_stores.helpers._mmh3(key)", len(parameters(_mmh3)) == 1)
     pinned(STORE, "Redis event-time field '_ts:<view>'", "_ts:" in inspect.getsource(RedisOnlineStore))
+    pinned(STORE, "the Redis online store's _get_client(online_store_config)",
+           parameters(RedisOnlineStore._get_client) == ["self", "online_store_config"])
+    pinned(STORE, "Redis keys end with the project name (scan_items matches on it)",
+           "project.encode" in inspect.getsource(_redis_key))
+    from feast.infra.key_encoding_utils import deserialize_entity_key
+
+    pinned(STORE, "feast.infra.key_encoding_utils.deserialize_entity_key(serialized, version)",
+           parameters(deserialize_entity_key)[:2] == ["serialized_entity_key", "entity_key_serialization_version"])
 
 
 def test_feast_feature_server_factory_coldstart_store_uses():

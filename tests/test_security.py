@@ -57,6 +57,9 @@ def test_http_read_path_refuses_oversized_malformed_and_write_requests(stack, pr
         "wrong shape": (422, "/get-online-features", json.dumps({"entities": "item_id"}).encode()),
         "a write": (404, "/push", json.dumps({"push_source_name": "item_embeddings_push_source", "df": {}}).encode()),
         "materialize": (404, "/materialize", b"{}"),
+        "too many item ids": (413, "/ranking-features",
+                              json.dumps({"user_id": "u", "item_ids": [f"i{n}" for n in range(MAX_ENTITY_ROWS + 1)]}).encode()),
+        "lookup not JSON": (422, "/ranking-features", b"{not json"),
     }
     for name, (status, path, body) in refused.items():
         got, answer = post(feature_server, path, body)
@@ -73,7 +76,7 @@ def test_redis_auth_from_redis_url_reaches_feast(tmp_path):
             redis.Redis(port=server.port).set("k", "v")
         settings = replace(SETTINGS, redis_url=server.url, data_dir=tmp_path, feast_project="auth_test")
         store = feast_store.apply(settings)
-        frame = feast_store.user_embedding_frame(["u1"], [np.ones(4)], [1], "v", [datetime.now(timezone.utc)])
+        frame = feast_store.user_embedding_frame(["u1"], [np.ones(4)], [1], [["i1"]], "v", [datetime.now(timezone.utc)])
         feast_store.push_online(store, USER_PUSH_SOURCE, frame)
         row = store.get_online_features(features=["user_embedding:history_length"],
                                         entity_rows=[{"user_id": "u1"}]).to_dict()

@@ -136,37 +136,83 @@ def materialize(settings: Settings, start, end) -> None:
 @click.option("--port", type=int, default=6566, show_default=True)
 @click.pass_obj
 def serve(settings: Settings, host: str, port: int) -> None:
-    """Run the read-only HTTP feature server (Feast's): POST /get-online-features, GET /health."""
+    """Run the read-only HTTP server: POST /retrieve, /ranking-features, /get-online-features; GET /health, /ready.
+
+    The retrieval index is rebuilt from the online store and then follows the item-embeddings topic;
+    GET /ready answers 200 once it is complete.
+    """
     without_torch()
     from coldstart import store
+    from coldstart.retrieval import Retriever
     from coldstart.server import serve as serve_http
 
-    serve_http(store.open_store(settings), host, port)
+    feature_store = store.open_store(settings)
+    serve_http(feature_store, Retriever(settings, feature_store), host, port)
 
 
 @main.command()
 @click.argument("user_id")
-@click.option("--candidates", default="", help="Comma-separated item ids to rank (default: every known item).")
-@click.option("-k", type=int, default=10, show_default=True, help="How many items to print.")
-@click.option("--json", "as_json", is_flag=True, help="Print the ranking as one JSON object.")
+@click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="How many items to print.")
+@click.option("--category", multiple=True, help="Only items of this category (repeat for any of several).")
+@click.option("--include-seen", is_flag=True, help="Keep items of the user's history (left out by default).")
+@click.option("--server", default="", help="URL of a running `coldstart serve` to ask (default: build the index here).")
+@click.option("--json", "as_json", is_flag=True, help="Print the items as one JSON object.")
 @click.pass_obj
-def recommend(settings: Settings, user_id: str, candidates: str, k: int, as_json: bool) -> None:
-    """Rank items for a user by affinity (user·item cosine) and print the top ones with titles."""
+def recommend(settings: Settings, user_id: str, k: int, category: tuple[str, ...], include_seen: bool, server: str,
+              as_json: bool) -> None:
+    """The top k items of the whole catalogue for a user (retrieval: cosine of user and item vectors), with titles.
+
+    Without --server the index is rebuilt in this process from the online store first (seconds for
+    thousands of items); with it, a running server answers at once.
+    """
     import json
 
-    from coldstart.ranking import UnknownUser, recommend as rank
-    from coldstart.store import open_store
+    without_torch()
+    from coldstart import store as feast_store
+    from coldstart.ranking import UnknownUser
+    from coldstart.retrieval import NotReady
+
+    request = {"user_id": user_id, "k": k, "exclude_seen": not include_seen,
+               "filter": {"category": list(category)} if category else None}
+    try:
+        found = _ask_server(server, request) if server else _retrieve_here(settings, request)
+    except (UnknownUser, NotReady, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    titles = feast_store.item_titles(feast_store.open_store(settings), [i["item_id"] for i in found["items"]])
+    items = [{**item, "title": titles.get(item["item_id"])} for item in found["items"]]
+    if as_json:
+        click.echo(json.dumps({"user_id": user_id, "model_version": found["model_version"], "items": items}))
+        return
+    for rank_no, item in enumerate(items, 1):
+        click.echo(f"{rank_no:>3}. {item['score']:.3f}  {item['title'] or ''}  ({item['item_id']})")
+
+
+def _retrieve_here(settings: Settings, request: dict) -> dict:
+    from coldstart.retrieval import Retriever
+
+    retriever = Retriever(settings).start()
+    try:
+        found = retriever.wait_ready().retrieve(request["user_id"], request["k"], request["exclude_seen"],
+                                                request["filter"])
+    finally:
+        retriever.stop()
+    return {"model_version": found.model_version,
+            "items": [{"item_id": r.item_id, "score": r.score} for r in found.items]}
+
+
+def _ask_server(url: str, request: dict) -> dict:
+    import json
+    import urllib.error
+    import urllib.request
 
     try:
-        top = rank(open_store(settings), user_id, [c for c in candidates.split(",") if c] if candidates else None, k)
-    except (UnknownUser, ValueError) as err:
-        raise click.ClickException(str(err)) from None
-    if as_json:
-        click.echo(json.dumps({"user_id": user_id, "items": [
-            {"item_id": c.item_id, "title": c.title, "affinity": c.affinity} for c in top]}))
-        return
-    for rank_no, c in enumerate(top, 1):
-        click.echo(f"{rank_no:>3}. {c.affinity:.3f}  {c.title or ''}  ({c.item_id})")
+        with urllib.request.urlopen(urllib.request.Request(f"{url.rstrip('/')}/retrieve", json.dumps(request).encode(),
+                                                           {"Content-Type": "application/json"}), timeout=30) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        raise click.ClickException(f"{url}: {err.code} {json.loads(err.read()).get('detail')}") from None
+    except OSError as err:
+        raise click.ClickException(f"{url}: {err}") from None
 
 
 @main.command()

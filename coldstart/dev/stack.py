@@ -92,7 +92,7 @@ class WorkerProcess(ServiceProcess):
 
 
 class FeatureServerProcess(ServiceProcess):
-    """`coldstart serve` on a free port: the HTTP read path."""
+    """`coldstart serve` on a free port: the HTTP read path (lookups and retrieval)."""
 
     def __init__(self, settings: Settings, port: int | None = None):
         self.port = port or free_port()
@@ -119,6 +119,24 @@ class FeatureServerProcess(ServiceProcess):
                     self.stop()
                     raise RuntimeError(f"feature server on port {self.port} did not come up:\n{tail}") from None
                 time.sleep(0.3)
+
+    def wait_ready(self, timeout: float = 120) -> float:
+        """Wait until GET /ready answers 200 (the retrieval index is complete); returns seconds waited."""
+        import urllib.error
+        import urllib.request
+
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            try:
+                urllib.request.urlopen(f"{self.url}/ready", timeout=2)
+                return time.monotonic() - start
+            except urllib.error.HTTPError as not_ready:  # 503 while the index is rebuilt
+                if not_ready.code != 503:
+                    raise
+            if not self.alive():
+                raise RuntimeError(f"server on port {self.port} exited:\n{self.log_tail()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"server on port {self.port} not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
 
 class LocalStack:

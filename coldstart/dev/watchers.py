@@ -15,11 +15,15 @@ from coldstart import store as feast_store
 
 
 class ReadabilityWatcher(threading.Thread):
-    """Polls Feast for items sent but not yet readable; records when each first appears."""
+    """Polls for items sent but not yet readable (default: through Feast); records when each first appears.
 
-    def __init__(self, store, poll_interval: float = 0.01, max_per_poll: int = 256):
+    `find(pending ids) → the ids found` replaces the Feast read, e.g. by asking a retrieval server.
+    """
+
+    def __init__(self, store, poll_interval: float = 0.01, max_per_poll: int = 256, find=None):
         super().__init__(daemon=True)
         self.store = store
+        self.find = find or (lambda pending: feast_store.read_item_features(self.store, pending))
         self.poll_interval = poll_interval
         self.max_per_poll = max_per_poll  # oldest first: a backlog must not make each poll slow
         self.sent_at: dict[str, float] = {}
@@ -36,7 +40,7 @@ class ReadabilityWatcher(threading.Thread):
             with self.lock:
                 pending = [i for i in self.sent_at if i not in self.readable_at][: self.max_per_poll]
             if pending:
-                found = feast_store.read_item_features(self.store, pending)
+                found = self.find(pending)
                 now = time.monotonic()
                 with self.lock:
                     for item_id in found:

@@ -21,11 +21,12 @@ from coldstart.dev.services import LocalRedis
 from coldstart.dev.stack import FeatureServerProcess
 from coldstart.ranking import ranking_features
 
-SDK_PATH = "feast-sdk (ranking_features: online_read, numpy affinity)"  # the Python read path of coldstart.ranking
+SDK_PATH = "coldstart-sdk (ranking_features: one HMGET pipeline, numpy affinity)"  # coldstart.ranking
 HTTP_PATH = "feast-http (ranking_v1 + affinity)"
+OUR_HTTP_PATH = "coldstart-http (/ranking-features: the same read, orjson)"
 
 
-def _raw_redis_reader(settings: Settings, user_id: str, item_ids: list[str]):
+def raw_redis_reader(settings: Settings, user_id: str, item_ids: list[str]):
     """HMGET of exactly the keys and fields Feast reads for ranking_v1, pipelined, nothing decoded."""
     client = redis.Redis.from_url(settings.redis_url)
     user_keys, user_fields = feast_store.redis_layout(settings.feast_project, "user_id", [user_id], "user_embedding",
@@ -43,13 +44,12 @@ def _raw_redis_reader(settings: Settings, user_id: str, item_ids: list[str]):
     return read
 
 
-def _http_reader(port: int, user_id: str, item_ids: list[str]):
+def _http_reader(port: int, path: str, body: dict):
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # kept alive across calls
-    body = json.dumps({"feature_service": RANKING_SERVICE,
-                       "entities": {"user_id": [user_id] * len(item_ids), "item_id": item_ids}})
+    body = json.dumps(body)
 
     def read():
-        connection.request("POST", "/get-online-features", body, {"Content-Type": "application/json"})
+        connection.request("POST", path, body, {"Content-Type": "application/json"})
         response = connection.getresponse()
         payload = response.read()
         assert response.status == 200, payload[:300]
@@ -64,7 +64,7 @@ def _http_reader(port: int, user_id: str, item_ids: list[str]):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def lookup(settings: Settings, sizes: str, repeats: int, as_json: bool) -> None:
-    """Ranking reads (1 user + N items): Feast SDK and HTTP feature server against raw redis-py, in one run."""
+    """Ranking reads (1 user + N items): Feast SDK, Feast's HTTP route and ours against raw redis-py, in one run."""
     summary = run_lookup_bench(settings, [int(s) for s in sizes.split(",")], repeats)
     emit(summary["results"], summary, as_json)
 
@@ -80,9 +80,10 @@ def run_lookup_bench(settings: Settings, sizes: list[int], repeats: int) -> dict
         store = feast_store.apply(settings)
         dim = 64
         feast_store.push_online(store, ITEM_PUSH_SOURCE, feast_store.item_embedding_frame(
-            item_ids, unit(len(item_ids), dim), unit(len(item_ids), 384), item_ids, "bench", [now] * len(item_ids)))
+            item_ids, unit(len(item_ids), dim), unit(len(item_ids), 384), item_ids, [""] * len(item_ids), "bench",
+            [now] * len(item_ids)))
         feast_store.push_online(store, USER_PUSH_SOURCE, feast_store.user_embedding_frame(
-            ["user-0"], unit(1, dim), [10], "bench", [now]))
+            ["user-0"], unit(1, dim), [10], [[]], "bench", [now]))
         with FeatureServerProcess(settings) as server:
             results = []
             service = store.get_feature_service(RANKING_SERVICE, allow_cache=True)
@@ -94,8 +95,10 @@ def run_lookup_bench(settings: Settings, sizes: list[int], repeats: int) -> dict
                     # the same service read whole, affinity from its on-demand view: what the SDK path replaced
                     "feast-sdk (ranking_v1, on-demand affinity)":
                         lambda rows=rows: store.get_online_features(features=service, entity_rows=rows).to_dict(),
-                    HTTP_PATH: _http_reader(server.port, "user-0", ids),
-                    "raw-redis (same keys)": _raw_redis_reader(settings, "user-0", ids),
+                    HTTP_PATH: _http_reader(server.port, "/get-online-features", {
+                        "feature_service": RANKING_SERVICE, "entities": {"user_id": ["user-0"] * size, "item_id": ids}}),
+                    OUR_HTTP_PATH: _http_reader(server.port, "/ranking-features", {"user_id": "user-0", "item_ids": ids}),
+                    "raw-redis (same keys)": raw_redis_reader(settings, "user-0", ids),
                 }
                 timings = {name: [] for name in readers}
                 for _ in range(repeats):  # interleaved: every method sees the same machine state
@@ -113,4 +116,5 @@ def run_lookup_bench(settings: Settings, sizes: list[int], repeats: int) -> dict
         "benchmark": "lookup", "machine": machine(), "repeats": repeats, "results": results,
         "ratio_to_raw_p99_100": at_100[SDK_PATH]["p99_ratio_to_raw"] if at_100 else None,
         "http_ratio_to_raw_p99_100": at_100[HTTP_PATH]["p99_ratio_to_raw"] if at_100 else None,
+        "coldstart_http_ratio_to_raw_p99_100": at_100[OUR_HTTP_PATH]["p99_ratio_to_raw"] if at_100 else None,
     }
