@@ -31,8 +31,9 @@ def test_bench_pipeline_reports_latency_per_rate_and_efficiency():
 def test_bench_lookup_compares_feast_and_http_with_raw_redis():
     summary = run_bench("lookup", "--sizes", "1,100", "--repeats", "3")
     paths = {(row["items"], row["path"]) for row in summary["results"]}
-    assert len(paths) == 8  # 2 sizes x (SDK numpy, SDK on-demand, HTTP, raw)
+    assert len(paths) == 10  # 2 sizes x (SDK, SDK on-demand, Feast's HTTP, our HTTP, raw)
     assert summary["ratio_to_raw_p99_100"] > 0 and summary["http_ratio_to_raw_p99_100"] > 0
+    assert summary["coldstart_http_ratio_to_raw_p99_100"] > 0
 
 
 def test_bench_actions_measures_action_to_user_vector_latency():
@@ -46,3 +47,11 @@ def test_bench_startup_reports_start_up_time_memory_and_torch_per_worker():
     (row,) = summary["results"]
     assert row["worker"] == "this checkout" and row["startup_s_median"] > 0 and row["rss_mb_median"] > 0
     assert row["torch_mapped"] is False
+
+
+def test_bench_retrieve_reports_the_machine_readable_fields():
+    summary = run_bench("retrieve", "--items", "3000", "--queries", "20", "--recall-queries", "10", "--rate", "50",
+                        "--uploads", "10", "--repeats", "5")
+    for key in ("items", "recall_at_100", "p99_ms", "build_s", "bytes_per_item", "upload_to_retrievable_p99_ms"):
+        assert summary[key] is not None, key
+    assert summary["items"] == 3000 and 0 <= summary["recall_at_100"] <= 1
