@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -76,23 +77,36 @@ def s3_storage():
         server.wait(timeout=30)
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory, redis_url):
-    """Broker + Redis + Feast + one worker, serving."""
+@contextmanager
+def serving_stack(tmp_path_factory, redis_url: str, project: str):
+    """Broker + Redis + Feast + one worker, serving, with a data folder and Feast project of its own."""
     settings = replace(
         SETTINGS, data_dir=tmp_path_factory.mktemp("coldstart-data"), redis_url=redis_url,
-        feast_project="coldstart_test", offline_flush_seconds=1.0, unknown_item_wait_seconds=5.0,
+        feast_project=project, offline_flush_seconds=1.0, unknown_item_wait_seconds=5.0,
     )
     with LocalStack(settings) as running:
         running.wait_until_serving()
         yield running
 
 
-@pytest.fixture(scope="session")
-def producer(stack):
+@contextmanager
+def stack_producer(stack):
     p = new_producer(stack.settings)
     yield p
     p.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, redis_url):
+    """The stack most tests share (a module that needs a catalogue of its own starts another: test_retrieval)."""
+    with serving_stack(tmp_path_factory, redis_url, "coldstart_test") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def producer(stack):
+    with stack_producer(stack) as p:
+        yield p
 
 
 def unique_id(prefix: str = "item") -> str:

@@ -22,10 +22,24 @@ from coldstart.dev.load import item_event, send_item
 from coldstart.dev.stack import FeatureServerProcess
 from coldstart.ranking import UnknownUser, ranking_features
 from coldstart.retrieval import MAX_K, Retriever, VersionIndex
-from tests.conftest import unique_id, upload, wait_readable
+from tests.conftest import serving_stack, stack_producer, unique_id, upload, wait_readable
 from tests.test_users import act, films, items, towers, user_vector  # noqa: F401 (fixtures)
 
 RETRIEVABLE_WITHIN_S = 10  # a functional deadline, generous on a shared machine: the benchmark measures the latency
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, redis_url):
+    """A stack of this module's own: retrieval answers over the whole catalogue, which in the shared
+    stack holds every other module's items too (thousands from the burst test)."""
+    with serving_stack(tmp_path_factory, redis_url, "coldstart_retrieval") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def producer(stack):
+    with stack_producer(stack) as p:
+        yield p
 
 
 @pytest.fixture(scope="module")
