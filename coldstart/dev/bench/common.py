@@ -71,6 +71,21 @@ def phase_row(rate: float | None, items: list[dict], watcher, drained: bool) -> 
     }
 
 
+def timed_side_by_side(readers: dict, repeats: int, raw: str) -> list[dict]:
+    """p50/p99 of each reader and its p99 as a ratio to the `raw` reader's: the readers are called in turn,
+    `repeats` times, so every path sees the same machine state."""
+    timings = {name: [] for name in readers}
+    for _ in range(repeats):
+        for name, read in readers.items():
+            start = time.perf_counter()
+            read()
+            timings[name].append((time.perf_counter() - start) * 1000)
+    raw_p99 = float(np.percentile(timings[raw], 99))
+    return [{"path": name, "p50_ms": round(float(np.percentile(ms, 50)), 3),
+             "p99_ms": round(float(np.percentile(ms, 99)), 3),
+             "p99_ratio_to_raw": round(float(np.percentile(ms, 99)) / raw_p99, 2)} for name, ms in timings.items()]
+
+
 @contextmanager
 def bench_stack(settings: Settings, project: str) -> Iterator[LocalStack]:
     """A fresh local stack for one benchmark, serving: its own data folder, its own Redis, one worker."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import tempfile
-import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,7 +15,7 @@ import redis
 
 from coldstart import store as feast_store
 from coldstart.config import ITEM_PUSH_SOURCE, RANKING_SERVICE, USER_PUSH_SOURCE, Settings
-from coldstart.dev.bench.common import emit, machine
+from coldstart.dev.bench.common import emit, machine, timed_side_by_side
 from coldstart.dev.services import LocalRedis
 from coldstart.dev.stack import FeatureServerProcess
 from coldstart.ranking import ranking_features
@@ -100,17 +99,8 @@ def run_lookup_bench(settings: Settings, sizes: list[int], repeats: int) -> dict
                     OUR_HTTP_PATH: _http_reader(server.port, "/ranking-features", {"user_id": "user-0", "item_ids": ids}),
                     "raw-redis (same keys)": raw_redis_reader(settings, "user-0", ids),
                 }
-                timings = {name: [] for name in readers}
-                for _ in range(repeats):  # interleaved: every method sees the same machine state
-                    for name, read in readers.items():
-                        start = time.perf_counter()
-                        read()
-                        timings[name].append((time.perf_counter() - start) * 1000)
-                raw_p99 = float(np.percentile(timings["raw-redis (same keys)"], 99))
-                for name, ms in timings.items():
-                    p99 = float(np.percentile(ms, 99))
-                    results.append({"items": size, "path": name, "p50_ms": round(float(np.percentile(ms, 50)), 3),
-                                    "p99_ms": round(p99, 3), "p99_ratio_to_raw": round(p99 / raw_p99, 2)})
+                results += [{"items": size, **row}
+                            for row in timed_side_by_side(readers, repeats, "raw-redis (same keys)")]
     at_100 = {r["path"]: r for r in results if r["items"] == 100}
     return {
         "benchmark": "lookup", "machine": machine(), "repeats": repeats, "results": results,

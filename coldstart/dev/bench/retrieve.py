@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from coldstart.config import RANKING_SERVICE, Settings
-from coldstart.dev.bench.common import bench_stack, emit, machine
+from coldstart.dev.bench.common import bench_stack, emit, machine, timed_side_by_side
 from coldstart.dev.bench.lookup import raw_redis_reader
 from coldstart.dev.load import new_producer, send_action, upload_at_rate
 from coldstart.dev.stack import FeatureServerProcess
@@ -230,13 +230,4 @@ def _http_vs_raw(settings: Settings, server, user_id: str, item_ids: list[str], 
         FEAST_PATH: call("/get-online-features", {"feature_service": RANKING_SERVICE,
                                                   "entities": {"user_id": [user_id] * len(item_ids), "item_id": item_ids}}),
     }
-    timings = {name: [] for name in readers}
-    for _ in range(repeats):  # interleaved: every path sees the same machine state
-        for name, read in readers.items():
-            start = time.perf_counter()
-            read()
-            timings[name].append((time.perf_counter() - start) * 1000)
-    raw_p99 = float(np.percentile(timings[RAW_PATH], 99))
-    return [{"path": name, "p50_ms": round(float(np.percentile(ms, 50)), 3),
-             "p99_ms": round(float(np.percentile(ms, 99)), 3),
-             "p99_ratio_to_raw": round(float(np.percentile(ms, 99)) / raw_p99, 2)} for name, ms in timings.items()]
+    return timed_side_by_side(readers, repeats, RAW_PATH)
