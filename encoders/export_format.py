@@ -26,6 +26,7 @@ TOKENIZER_FILE = "tokenizer.json"
 TOWERS_METADATA = "towers.json"
 USER_TOWER_ONNX = "user_tower.onnx"
 ITEM_TOWER_ONNX = "item_tower.onnx"
+ID_PARTS = "id_parts.npz"  # hybrid towers only: the learned ID parts of the items seen in training
 
 
 class ExportMissing(FileNotFoundError):

@@ -49,7 +49,7 @@ class ItemModels:
         """(content embeddings (B, D_content), item vectors (B, D))."""
         texts = [item_text(i.title, i.description, i.category, i.brand, i.tags, i.price) for i in items]
         content = self.encoder.encode(texts)
-        return content, self.towers.item_vectors(content)
+        return content, self.towers.item_vectors(content, [i.item_id for i in items])
 
 
 def register(app) -> None:

@@ -71,16 +71,17 @@ class UserModels:
     def user_vectors(self, histories: dict[str, list[HistoryEntry]]):
         """Vectors for users with at least one known item; and, per user, the item ids still unknown."""
         content = self.content.get({e.item_id for entries in histories.values() for e in entries})
-        users, inputs, unknown = [], [], {}
+        users, inputs, input_ids, unknown = [], [], [], {}
         for user_id, entries in histories.items():
             missing = {e.item_id for e in entries if e.item_id not in content}
             if missing:
                 unknown[user_id] = missing
-            known = [content[e.item_id] for e in entries if e.item_id in content]
+            known = [e.item_id for e in entries if e.item_id in content]
             if known:
                 users.append(user_id)
-                inputs.append(np.stack(known))  # (n, D_content), oldest first
-        vectors = self.towers.user_vectors(inputs) if inputs else np.zeros((0, 0), np.float32)
+                inputs.append(np.stack([content[i] for i in known]))  # (n, D_content), oldest first
+                input_ids.append(known)
+        vectors = self.towers.user_vectors(inputs, input_ids) if inputs else np.zeros((0, 0), np.float32)
         return users, [len(i) for i in inputs], vectors, unknown
 
 

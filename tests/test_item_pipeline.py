@@ -18,7 +18,7 @@ def encode_directly(stack, item: dict) -> tuple[np.ndarray, str]:
     towers = load_towers(settings.towers_dir, settings.encoder_name)
     text = item_text(item["title"], item.get("description", ""), item.get("category", ""),
                      item.get("brand", ""), item.get("tags", []), item.get("price"))
-    return towers.item_vectors(encoder.encode([text]))[0], f"{encoder.version}+{towers.version}"
+    return towers.item_vectors(encoder.encode([text]), [item["item_id"]])[0], f"{encoder.version}+{towers.version}"
 
 
 def test_uploaded_item_is_readable_with_the_vector_of_a_direct_encode(stack, producer):

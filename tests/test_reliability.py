@@ -115,7 +115,7 @@ def expected_user_vector(stack, item_ids_oldest_first: list[str]) -> np.ndarray:
 
     content = read_item_features(stack.store, item_ids_oldest_first, features=("content_embedding",))
     history = np.array([content[i]["content_embedding"] for i in item_ids_oldest_first], dtype=np.float32)
-    return load_towers(stack.settings.towers_dir, stack.settings.encoder_name).user_vectors([history])[0]
+    return load_towers(stack.settings.towers_dir, stack.settings.encoder_name).user_vectors([history], [item_ids_oldest_first])[0]
 
 
 # ---- 2. online store outages -------------------------------------------------

@@ -20,6 +20,7 @@ from coldstart.config import Settings
 log = logging.getLogger(__name__)
 
 PROTOCOL_CHOICE = click.Choice(["loo", "cold", "both"])
+SEEDS = 3  # every reported row: mean and spread over three seeds (three cold-item splits)
 CONFIG_HELP = "A named config of encoders/training/configs.py (default: its DEFAULT, learn-minilm)."
 
 
@@ -102,7 +103,7 @@ def train(settings: Settings, config_name: str, protocol: str) -> None:
         best = run.history["epochs"][run.history["best_epoch"]]
         click.echo(f"{config.name} [{name}]: best epoch {run.history['best_epoch']} valid ndcg@50 "
                    f"{best['valid_ndcg@50']:.4f}, {run.history['train_seconds']:.0f} s on {run.history['device']}; "
-                   f"checkpoint in {paths.run_dir(loaded.name, config.name, name)}")
+                   f"checkpoint in {paths.run_dir(loaded.name, config, name)}")
 
 
 @click.command()
@@ -115,12 +116,15 @@ def train(settings: Settings, config_name: str, protocol: str) -> None:
 @click.option("--protocol", type=PROTOCOL_CHOICE, default="both", show_default=True,
               help="Protocols to run (ablations: 'cold' alone reports cold, warm and overall).")
 @click.option("--retrain", is_flag=True, help="Train the LEARN configs again even if checkpoints exist.")
+@click.option("--seeds", type=click.IntRange(1, 10), default=SEEDS, show_default=True,
+              help="Run every model on seeds 0..N-1 (training seed and, for 'cold', which items are cold); "
+                   "the table shows mean ± std.")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Folder for the PNG plots and results.json (default: data/eval/).")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON object on the last line.")
 @click.pass_obj
-def evaluate(settings: Settings, config_name: str, extras: tuple[str, ...], sasrec: str, protocol: str, retrain: bool, plots_dir: Path | None,
-             as_json: bool) -> None:
+def evaluate(settings: Settings, config_name: str, extras: tuple[str, ...], sasrec: str, protocol: str, retrain: bool,
+             seeds: int, plots_dir: Path | None, as_json: bool) -> None:
     """Score LEARN, SASRec, popularity and raw content on ML-100K: protocols loo and cold."""
     from encoders.training.evaluate import PROTOCOLS, format_table, plot
     from encoders.training.evaluate import evaluate as run_evaluation
@@ -129,15 +133,15 @@ def evaluate(settings: Settings, config_name: str, extras: tuple[str, ...], sasr
     started = time.time()
     config, extras = _config(config_name), [_config(name) for name in extras]
     report = run_evaluation(paths, config.name, tuple(c.name for c in extras), sasrec=sasrec,
-                            protocols=PROTOCOLS if protocol == "both" else (protocol,), retrain=retrain)
+                            protocols=PROTOCOLS if protocol == "both" else (protocol,), retrain=retrain,
+                            seeds=tuple(range(seeds)))
     out_dir = plots_dir or paths.root / "eval"
     written = plot(report, paths, out_dir)
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     click.echo(format_table(report))
     click.echo(f"plots: {', '.join(str(p) for p in written)}; {time.time() - started:.0f} s")
     if as_json:
-        click.echo(json.dumps({"dataset": report["dataset"], "results": report["results"],
-                               "counts": report["counts"], "seconds": report["seconds"]}))
+        click.echo(json.dumps({key: report[key] for key in ("dataset", "results", "seeds", "spread", "counts", "seconds")}))
 
 
 @click.command("export-towers")
@@ -163,7 +167,7 @@ def export_towers(settings: Settings, config_name: str, protocol: str, out_dir: 
     config = _config(config_name)
     out_dir = out_dir or settings.towers_dir
     loaded = load_dataset(paths)
-    run_dir = paths.run_dir(loaded.name, config.name, protocol)
+    run_dir = paths.run_dir(loaded.name, config, protocol)
     checkpoint = run_dir / CHECKPOINT
     if (current_history(config, run_dir) is not None and checkpoint.exists()
             and is_current(out_dir, config.name, protocol, file_sha256(checkpoint))):
@@ -172,8 +176,9 @@ def export_towers(settings: Settings, config_name: str, protocol: str, out_dir: 
     content = content_embeddings(loaded.item_texts, encoder_config(config.encoder), paths.content_cache)
     split = make_split(loaded, protocol, config.cold_fraction, config.seed)
     run = trained_learn(config, loaded, split, content, paths)
-    write_towers(run.model, out_dir, encoder_config(config.encoder).name, config.name, protocol, file_sha256(checkpoint))
-    worst = check_parity(run.model, out_dir, content)
+    write_towers(run.model, out_dir, encoder_config(config.encoder).name, config.name, protocol, loaded.item_ids,
+                 file_sha256(checkpoint))
+    worst = check_parity(run.model, out_dir, content, loaded.item_ids)
     click.echo(f"towers of {config.name} [{protocol}] exported to {out_dir}; parity with torch: min cosine {worst:.6f}")
     if worst < 0.999:
         (out_dir / TOWERS_METADATA).unlink()  # not current: the next run exports again

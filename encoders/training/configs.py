@@ -13,6 +13,9 @@ from encoders.training.model import LEARNConfig
 from encoders.training.registry import DEFAULT_ENCODER
 
 
+LOSSES = ("in_batch", "full", "sampled")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     name: str
@@ -21,6 +24,13 @@ class TrainConfig:
     model: LEARNConfig = field(default_factory=LEARNConfig)
     encoder: str = DEFAULT_ENCODER  # a name in encoders.training.registry
     next_k: int = 10  # dense all-action: each position's positives are the next K actions
+    # Negatives of the loss: "in_batch" (the batch's distinct items), "full" (every item seen in
+    # training: a full-catalogue softmax, as LEARN's released fine-tuning and SASRec's CE), or
+    # "sampled" (the batch's items plus a shared pool of `negatives` items drawn by training
+    # popularity, logQ-corrected: the large-catalogue form of "full").
+    loss: str = "in_batch"
+    negatives: int = 0  # "sampled": size of the shared negative pool drawn per step
+    mask_history: bool = False  # items the user acted on before a position are never its negatives
     batch_size: int = 128  # windows of max_history items per step
     lr: float = 3e-3
     weight_decay: float = 0.01
@@ -31,6 +41,8 @@ class TrainConfig:
 
     def __post_init__(self):
         assert self.next_k >= 1 and self.batch_size >= 1 and self.patience >= 1
+        assert self.loss in LOSSES, f"loss must be one of {LOSSES}"
+        assert (self.loss == "sampled") == (self.negatives > 0), "negatives: the sampled loss's pool size"
 
 
 DEFAULT = "learn-minilm"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +53,8 @@ class Paths:
     def sasrec_cache(self) -> Path:
         return self.root / "cache" / "sasrec"
 
-    def run_dir(self, dataset: str, config: str, protocol: str) -> Path:
-        return self.root / "checkpoints" / dataset / config / protocol
+    def run_dir(self, dataset: str, config: TrainConfig, protocol: str) -> Path:
+        return self.root / "checkpoints" / dataset / config.name / protocol / f"seed-{config.seed}"
 
 
 def load_dataset(paths: Paths) -> Interactions:
@@ -100,7 +100,7 @@ def trained_learn(config: TrainConfig, data: Interactions, split: Split, content
                   paths: Paths, retrain: bool = False) -> LearnRun:
     """The checkpoint of this config on this split, training it first if there is none
     or if it was trained with other settings (a config's numbers changed since)."""
-    run_dir = paths.run_dir(data.name, config.name, split.protocol)
+    run_dir = paths.run_dir(data.name, config, split.protocol)
     history = None if retrain else current_history(config, run_dir)
     if history is None:
         log.info("training %s on %s [%s]", config.name, data.name, split.protocol)
@@ -120,13 +120,18 @@ def slices_of(split: Split, targets: np.ndarray) -> dict[str, np.ndarray]:
 def evaluate(
     paths: Paths, config_name: str = DEFAULT, extra_configs: tuple[str, ...] = (),
     sasrec: str = "train", protocols: tuple[str, ...] = PROTOCOLS, retrain: bool = False,
+    seeds: tuple[int, ...] = (0,),
 ) -> dict:
-    """Run every model on the protocols; returns the JSON-able report."""
+    """Run every model on the protocols, once per seed; returns the JSON-able report.
+
+    A seed sets the training seed and, for the cold protocol, which items are cold.
+    "results" holds the mean over seeds, "seeds" every seed's figures, "spread" their
+    standard deviation (population, over the seeds a model ran on)."""
     started = time.time()
     data = load_dataset(paths)
     configs = [get_config(name) for name in (config_name, *extra_configs)]
-    report = {"dataset": data.name, "results": {}, "counts": {}, "seconds": {}, "training": {}, "sasrec": {}}
-    results = report["results"]
+    report = {"dataset": data.name, "seed_list": list(seeds), "results": {}, "seeds": {}, "spread": {},
+              "counts": {}, "seconds": {}, "training": {}, "sasrec": {}}
     contents = {}
     for config in configs:
         if config.encoder not in contents:
@@ -135,55 +140,79 @@ def evaluate(
                                                           paths.content_cache)
             report["seconds"][f"content:{config.encoder}"] = time.time() - t
     for protocol in protocols:
-        split = make_split(data, protocol, configs[0].cold_fraction, configs[0].seed)
-        users = np.flatnonzero(split.test >= 0)
-        targets = split.test[users]
-        histories = [split.test_history(u) for u in users]
-        slices = slices_of(split, targets)
-        report["counts"].update({name: int(mask.sum()) for name, mask in slices.items()})
+        for seed in seeds:
+            split = make_split(data, protocol, configs[0].cold_fraction, seed)
+            users = np.flatnonzero(split.test >= 0)
+            targets = split.test[users]
+            histories = [split.test_history(u) for u in users]
+            slices = slices_of(split, targets)
+            for name, mask in slices.items():  # cold slices differ in size from one seed's split to the next
+                report["counts"].setdefault(name, {})[str(seed)] = int(mask.sum())
 
-        def record(model_name: str, scores: np.ndarray) -> None:
-            ranks = target_ranks(scores, targets, histories)
-            for slice_name, mask in slices.items():
-                results.setdefault(model_name, {})[slice_name] = rank_metrics(ranks[mask])
+            def record(model_name: str, scores: np.ndarray) -> None:
+                ranks = target_ranks(scores, targets, histories)
+                for slice_name, mask in slices.items():
+                    per_seed = report["seeds"].setdefault(model_name, {}).setdefault(slice_name, {})
+                    per_seed[str(seed)] = rank_metrics(ranks[mask])
 
-        for i, config in enumerate(configs):
-            t = time.time()
-            run = trained_learn(config, data, split, contents[config.encoder], paths, retrain)
-            row = "learn" if i == 0 else config.name
-            record(row, score_all(run.model, histories))
-            report["seconds"][f"{row}:{protocol}"] = time.time() - t
-            report["training"][f"{row}:{protocol}"] = {
-                "config": config.name, "train_seconds": run.history.get("train_seconds"),
-                "best_epoch": run.history.get("best_epoch"), "device": run.history.get("device"),
-            }
-        record("pop", popularity_scores(split, users))
-        record("content", content_scores(contents[configs[0].encoder], histories))
-        if sasrec != "off":
-            from encoders.training.sasrec_baseline import sasrec_scores
-
-            t = time.time()
-            try:
-                scores, facts = sasrec_scores(data, split, paths.sasrec_cache, train=sasrec == "train")
-            except (RuntimeError, OSError) as failure:  # not cached, or the baselines venv could not be made or run
-                log.error("SASRec baseline [%s] could not run: %s", protocol, failure)
-                report["sasrec"][protocol] = {"error": str(failure)}
-            else:
-                record("sasrec", scores[users])
-                report["sasrec"][protocol] = facts
-                report["seconds"][f"sasrec:{protocol}"] = time.time() - t
+            for i, config in enumerate(configs):
+                t = time.time()
+                run = trained_learn(replace(config, seed=seed), data, split, contents[config.encoder], paths, retrain)
+                row = "learn" if i == 0 else config.name
+                record(row, score_all(run.model, histories))
+                report["seconds"][f"{row}:{protocol}:{seed}"] = time.time() - t
+                report["training"][f"{row}:{protocol}:{seed}"] = {
+                    "config": config.name, "train_seconds": run.history.get("train_seconds"),
+                    "best_epoch": run.history.get("best_epoch"), "device": run.history.get("device"),
+                }
+            record("pop", popularity_scores(split, users))
+            record("content", content_scores(contents[configs[0].encoder], histories))
+            if sasrec != "off":
+                _record_sasrec(report, record, data, split, users, paths, sasrec, f"{protocol}:{seed}")
+    report["results"], report["spread"] = summarise(report["seeds"])
     report["seconds"]["total"] = time.time() - started
     return report
 
 
+def _record_sasrec(report: dict, record, data: Interactions, split: Split, users: np.ndarray, paths: Paths,
+                   sasrec: str, key: str) -> None:
+    from encoders.training.sasrec_baseline import sasrec_scores
+
+    t = time.time()
+    try:
+        scores, facts = sasrec_scores(data, split, paths.sasrec_cache, train=sasrec == "train")
+    except (RuntimeError, OSError) as failure:  # not cached, or the baselines venv could not be made or run
+        log.error("SASRec baseline [%s] could not run: %s", key, failure)
+        report["sasrec"][key] = {"error": str(failure)}
+    else:
+        record("sasrec", scores[users])
+        report["sasrec"][key] = facts
+        report["seconds"][f"sasrec:{key}"] = time.time() - t
+
+
+def summarise(per_seed: dict) -> tuple[dict, dict]:
+    """model → slice → seed → metrics  ⇒  (model → slice → mean metrics, model → slice → std)."""
+    means, spreads = {}, {}
+    for model, slices in per_seed.items():
+        for slice_name, by_seed in slices.items():
+            runs = list(by_seed.values())
+            means.setdefault(model, {})[slice_name] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+            spreads.setdefault(model, {})[slice_name] = {k: float(np.std([r[k] for r in runs])) for k in runs[0]}
+    return means, spreads
+
+
 def format_table(report: dict) -> str:
-    """The results as a Markdown table: one row per model and slice."""
+    """The results as a Markdown table: one row per model and slice, mean ± spread over seeds."""
     names = [f"{m}@{k}" for m in ("hr", "ndcg") for k in KS]
-    lines = ["| model | slice | n | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    lines = ["| model | slice | seeds | n | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
     for model, slices in report["results"].items():
         for slice_name, metrics in slices.items():
-            values = " | ".join(f"{metrics[n]:.4f}" for n in names)
-            lines.append(f"| {model} | {slice_name} | {report['counts'][slice_name]} | {values} |")
+            seeds = report["seeds"][model][slice_name]
+            spread = report["spread"][model][slice_name]
+            values = " | ".join(f"{metrics[n]:.4f}" + (f" ± {spread[n]:.4f}" if len(seeds) > 1 else "")
+                                for n in names)
+            n = "/".join(str(report["counts"][slice_name][seed]) for seed in seeds)
+            lines.append(f"| {model} | {slice_name} | {len(seeds)} | {n} | {values} |")
     return "\n".join(lines)
 
 
@@ -198,8 +227,11 @@ def plot(report: dict, paths: Paths, out_dir: Path) -> list[Path]:
     written = []
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, facts in report["training"].items():
-        row, protocol = key.split(":")
-        history_file = paths.run_dir(report["dataset"], facts["config"], protocol) / HISTORY
+        row, protocol, seed = key.split(":")
+        if int(seed) != report["seed_list"][0]:
+            continue  # one curve per model and protocol: the first seed's
+        config = replace(get_config(facts["config"]), seed=int(seed))
+        history_file = paths.run_dir(report["dataset"], config, protocol) / HISTORY
         if history_file.exists():
             losses = np.asarray(json.loads(history_file.read_text())["step_loss"])
             smooth = np.convolve(losses, np.ones(20) / 20, mode="valid") if len(losses) > 20 else losses
@@ -218,10 +250,13 @@ def plot(report: dict, paths: Paths, out_dir: Path) -> list[Path]:
     width = 0.38
     for offset, slice_name in ((-width / 2, "cold_cold"), (width / 2, "cold_warm")):
         values = [report["results"][m].get(slice_name, {}).get("hr@50", np.nan) for m in models]
-        bars = ax.bar(np.arange(len(models)) + offset, values, width, label=f"{slice_name} (n={report['counts'][slice_name]})")
+        errors = [report["spread"][m].get(slice_name, {}).get("hr@50", 0.0) for m in models]
+        n = "/".join(map(str, report["counts"][slice_name].values()))
+        bars = ax.bar(np.arange(len(models)) + offset, values, width, yerr=errors, capsize=3,
+                      label=f"{slice_name} (n={n})")
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks(np.arange(len(models)), models, rotation=20, ha="right")
-    ax.set(ylabel="HR@50", title=f"{report['dataset']}: HR@50 on cold vs warm test targets")
+    ax.set(ylabel="HR@50 (mean ± std over seeds)", title=f"{report['dataset']}: HR@50 on cold vs warm test targets")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "hr50_cold_warm.png", dpi=120)

@@ -15,10 +15,15 @@ L2-normalised vector of the same size, so a user-item score is a cosine.
   (InfoNCE with temperature) against the next K items the user acted on
   (positives) and all other items in the batch (negatives); the other
   positives of the same position are masked out of its negatives.
-- learn-id (a named variant, not LEARN): a learned
-  per-item ID vector (`id_residual`) is added to warm items' projected
-  content on both towers; it starts at zero and items never trained on
-  keep zero, so the cold path stays content-only.
+- The hybrid (`id_residual`): a learned per-item ID vector is added to the
+  projected content of items seen in training (the `warm` mask), on both
+  towers. Items never trained on get no ID part, in training, evaluation and
+  serving alike: their vector is exactly the content-only one. With
+  `id_dropout` the ID part of each item occurrence is dropped at random in
+  training, so the content path stays good on its own.
+- Optional whitening (`whiten`): the frozen content embeddings are centred and
+  PCA-whitened (statistics of the items seen in training) before the towers;
+  sentence embeddings are anisotropic, whitening spreads them out.
 """
 
 from __future__ import annotations
@@ -43,11 +48,14 @@ class LEARNConfig:
     item_hidden: int = 512  # MLP hidden width: enough to separate ~1.7k items from their text
     temperature: float = 0.05  # InfoNCE temperature on cosines
     shared_input: bool = False  # True: the user tower reads item-tower embeddings of its history (as SASRec shares its item table)
-    id_residual: bool = False  # True: the learn-id variant (not LEARN): a learned ID vector per warm item
+    id_residual: bool = False  # True: the hybrid: a learned ID vector per item seen in training
+    id_dropout: float = 0.0  # hybrid: chance that an item occurrence's ID part is dropped in training
+    whiten: bool = False  # PCA-whiten the content embeddings before the towers
 
     def __post_init__(self):
         assert self.dim % self.n_heads == 0, "dim must split evenly across heads"
         assert self.item_tower in ("mlp", "pch"), self.item_tower
+        assert 0.0 <= self.id_dropout < 1.0 and (self.id_residual or self.id_dropout == 0.0)
 
 
 class SelfAttention(nn.Module):
@@ -139,42 +147,85 @@ class ItemTower(nn.Module):
         return self.pch(flat, ones, residual).view(*content.shape[:-1], -1)  # (..., out_dim)
 
 
-class LEARN(nn.Module):
-    """The two towers over a fixed table of content embeddings (I, C), which is a buffer, not trained."""
+class Whitening(nn.Module):
+    """x → (x - mean) W: PCA whitening with fixed statistics (buffers saved in checkpoints)."""
 
-    def __init__(self, config: LEARNConfig, content: torch.Tensor):
+    def __init__(self, sample: torch.Tensor, eps: float = 1e-3):
+        super().__init__()
+        mean = sample.mean(dim=0)
+        covariance = torch.cov((sample - mean).T)  # (C, C)
+        values, vectors = torch.linalg.eigh(covariance)
+        self.register_buffer("mean", mean)
+        self.register_buffer("matrix", vectors / torch.sqrt(values.clamp(min=0) + eps * values.max()))  # (C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) @ self.matrix
+
+
+class LEARN(nn.Module):
+    """The two towers over a fixed table of content embeddings (I, C), which is a buffer, not trained.
+
+    warm (I,) bool marks the items seen in training: only they get an ID part (hybrid).
+    """
+
+    def __init__(self, config: LEARNConfig, content: torch.Tensor, warm: torch.Tensor | None = None):
         super().__init__()
         assert content.shape[1] == config.content_dim, (content.shape, config.content_dim)
         self.config = config
         self.register_buffer("content", content.float(), persistent=False)
+        warm = torch.ones(len(content), dtype=torch.bool) if warm is None else warm.bool()
+        self.register_buffer("warm", warm)
+        self.whitening = Whitening(self.content[warm]) if config.whiten else nn.Identity()
         self.user_tower = PCH(config, config.out_dim if config.shared_input else config.content_dim)
         self.item_tower = ItemTower(config)
         if config.id_residual:
             item_width = config.item_hidden if config.item_tower == "mlp" else config.dim
             self.item_ids = nn.Embedding(len(content), item_width)
-            nn.init.zeros_(self.item_ids.weight)  # zero until trained: cold items stay content-only
+            nn.init.zeros_(self.item_ids.weight)
             if not config.shared_input:
                 self.user_ids = nn.Embedding(len(content), config.dim)
                 nn.init.zeros_(self.user_ids.weight)
+
+    def id_part(self, table: nn.Embedding, items: torch.Tensor) -> torch.Tensor:
+        """(...) item indices → (..., W) ID vectors: zero for items never trained on, and
+        dropped at random per occurrence in training."""
+        keep = self.warm[items]
+        if self.training and self.config.id_dropout > 0:
+            keep = keep & (torch.rand(items.shape, device=items.device) >= self.config.id_dropout)
+        return table(items) * keep[..., None]
 
     def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
         """history (B, T) item indices, right-padded with -1 → (B, T, out_dim): one vector per prefix."""
         mask = history >= 0  # (B, T)
         items = history.clamp(min=0)
-        if self.config.shared_input:
-            return self.user_tower(self.item_vectors(items), mask)
-        residual = self.user_ids(items) * mask[..., None] if self.config.id_residual else None
-        return self.user_tower(self.content[items], mask, residual)
-
-    def history_vectors(self, content: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The content-only user tower: (B, T, C) history content + (B, T) mask → (B, T, out_dim)."""
-        assert not self.config.id_residual, "this path has no item ids"
-        return self.user_tower(self.item_tower(content) if self.config.shared_input else content, mask)
+        return self.history_vectors(self.content[items], mask, self.history_id_parts(items))
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """items (...) item indices → (..., out_dim)."""
-        residual = self.item_ids(items) if self.config.id_residual else None
-        return self.item_tower(self.content[items], residual)
+        return self.content_item_vectors(self.content[items], self.item_id_parts(items))
+
+    # The towers over content (what is exported and served): an item's ID part is an input,
+    # looked up by the caller (zero for items never trained on).
+
+    def history_vectors(self, content: torch.Tensor, mask: torch.Tensor,
+                        id_parts: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) history content + (B, T) mask [+ (B, T, W) history ID parts] → (B, T, out_dim)."""
+        if self.config.shared_input:
+            return self.user_tower(self.content_item_vectors(content, id_parts), mask)
+        return self.user_tower(self.whitening(content), mask, id_parts)
+
+    def content_item_vectors(self, content: torch.Tensor, id_parts: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., C) content [+ (..., H) ID parts] → (..., out_dim)."""
+        return self.item_tower(self.whitening(content), id_parts)
+
+    def item_id_parts(self, items: torch.Tensor) -> torch.Tensor | None:
+        return self.id_part(self.item_ids, items) if self.config.id_residual else None
+
+    def history_id_parts(self, items: torch.Tensor) -> torch.Tensor | None:
+        """The ID parts the user tower adds for its history items (the item tower's when it reads item vectors)."""
+        if not self.config.id_residual:
+            return None
+        return self.id_part(self.item_ids if self.config.shared_input else self.user_ids, items)
 
     def last_user_vector(self, history: torch.Tensor) -> torch.Tensor:
         """(B, T) right-padded histories, each with at least one item → (B, out_dim) after the last item."""
@@ -185,23 +236,30 @@ class LEARN(nn.Module):
 
 
 def dense_all_action_loss(
-    user: torch.Tensor, items: torch.Tensor, positives: torch.Tensor, temperature: float
+    user: torch.Tensor, items: torch.Tensor, positives: torch.Tensor, temperature: float,
+    excluded: torch.Tensor | None = None, log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE of every prefix vector against each of its next actions.
 
     user:      (P, D) unit user vectors, one per prefix position
-    items:     (M, D) unit vectors of the batch's distinct items
+    items:     (M, D) unit vectors of the candidate items (the batch's, a sampled pool, or all)
     positives: (P, K) row indices into `items` of the next K actions, -1 where the sequence ended
-    For each (p, k): -log softmax of the positive among {itself} ∪ {items that are not a positive of p}.
+    excluded:  (P, M) bool, candidates that are never negatives of p (its history, untrainable items)
+    log_q:     (M,) log sampling probability of each candidate: subtracted from the logits (logQ
+               correction of sampled negatives, Yi et al. 2019)
+    For each (p, k): -log softmax of the positive among {itself} ∪ {candidates that are neither a
+    positive of p nor excluded}.
     """
     P, K = positives.shape
     assert user.shape[0] == P and user.shape[1] == items.shape[1]
     logits = user @ items.T / temperature  # (P, M)
+    if log_q is not None:
+        logits = logits - log_q
     valid = positives >= 0  # (P, K)
     rows = torch.arange(P, device=user.device)[:, None].expand(P, K)
-    is_positive = torch.zeros_like(logits, dtype=torch.bool)
-    is_positive[rows[valid], positives[valid]] = True  # accidental hits: no positive is a negative
-    negatives = torch.logsumexp(logits.masked_fill(is_positive, float("-inf")), dim=1, keepdim=True)  # (P, 1)
+    not_negative = torch.zeros_like(logits, dtype=torch.bool) if excluded is None else excluded.clone()
+    not_negative[rows[valid], positives[valid]] = True  # accidental hits: no positive is a negative
+    negatives = torch.logsumexp(logits.masked_fill(not_negative, float("-inf")), dim=1, keepdim=True)  # (P, 1)
     positive = logits.gather(1, positives.clamp(min=0))  # (P, K)
     loss = torch.logaddexp(positive, negatives) - positive  # (P, K)
     return loss[valid].mean()

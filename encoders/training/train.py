@@ -58,16 +58,54 @@ def window_batches(train: list[np.ndarray], config: TrainConfig, rng: np.random.
         yield inputs, targets
 
 
-def batch_loss(model: LEARN, inputs: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Dense all-action loss of one batch, negatives = the distinct items in the batch."""
+class Candidates:
+    """The negatives side of the loss for one training run (config.loss): which items each
+    batch is contrasted against, with their logQ correction and exclusions."""
+
+    def __init__(self, config: TrainConfig, split: Split, device: torch.device):
+        self.config = config
+        counts = np.bincount(np.concatenate(split.train), minlength=len(split.cold)).astype(np.float64)
+        self.trained = torch.from_numpy(counts > 0).to(device)  # (I,) never-trained items are never candidates
+        self.popularity = torch.from_numpy(counts / counts.sum()).float().to(device)  # (I,)
+        self.device = device
+
+    def table(self, present: torch.Tensor) -> torch.Tensor:
+        """(M,) candidate item indices for a batch whose inputs and targets are `present`."""
+        if self.config.loss == "full":
+            return torch.nonzero(self.trained).squeeze(1)
+        if self.config.loss == "sampled":
+            pool = torch.multinomial(self.popularity, self.config.negatives, replacement=True)
+            present = torch.cat([present, pool])
+        return torch.unique(present)
+
+    def log_q(self, table: torch.Tensor) -> torch.Tensor | None:
+        """Sampled negatives come by popularity: logQ-correct them (in-batch and full: none)."""
+        return torch.log(self.popularity[table]) if self.config.loss == "sampled" else None
+
+
+def history_exclusions(inputs: torch.Tensor, row_of: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, N, M) bool: candidate m is in window b's inputs at or before position t."""
+    B, N = inputs.shape
+    rows = torch.where(inputs >= 0, row_of[inputs.clamp(min=0)], -1)  # (B, N) candidate rows, -1: none
+    first = torch.full((B, size + 1), N, dtype=torch.long, device=inputs.device)  # last column: a sink
+    positions = torch.arange(N, device=inputs.device).expand(B, N)
+    first.scatter_reduce_(1, torch.where(rows >= 0, rows, size), positions, reduce="amin")
+    return first[:, None, :size] <= torch.arange(N, device=inputs.device)[None, :, None]
+
+
+def batch_loss(model: LEARN, inputs: torch.Tensor, targets: torch.Tensor, config: TrainConfig,
+               candidates: Candidates) -> torch.Tensor:
+    """Dense all-action loss of one batch against the run's candidates."""
     present = torch.cat([inputs[inputs >= 0], targets[targets >= 0]])
-    table, inverse = torch.unique(present, return_inverse=True)  # (M,) distinct items
+    table = candidates.table(present)  # (M,)
     row_of = torch.full((len(model.content),), -1, dtype=torch.long, device=inputs.device)
     row_of[table] = torch.arange(len(table), device=inputs.device)
     positions = inputs >= 0  # (B, N)
     user = model.user_vectors(inputs)[positions]  # (P, D)
     positives = torch.where(targets >= 0, row_of[targets.clamp(min=0)], -1)[positions]  # (P, K)
-    return dense_all_action_loss(user, model.item_vectors(table), positives, temperature)
+    excluded = history_exclusions(inputs, row_of, len(table))[positions] if config.mask_history else None
+    return dense_all_action_loss(user, model.item_vectors(table), positives, config.model.temperature,
+                                 excluded, candidates.log_q(table))
 
 
 def last_items(histories: list[np.ndarray], n: int) -> torch.Tensor:
@@ -112,7 +150,8 @@ def train(
     rng = np.random.default_rng(config.seed)
     model_config = config.model
     assert content.shape[1] == model_config.content_dim, "config.model.content_dim must match the encoder"
-    model = LEARN(model_config, torch.from_numpy(content)).to(device)
+    model = LEARN(model_config, torch.from_numpy(content), torch.from_numpy(split.trained_items())).to(device)
+    candidates = Candidates(config, split, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history = {"config": config.name, "settings": asdict(config), "protocol": split.protocol,
                "device": str(device), "step_loss": [], "epochs": []}
@@ -127,7 +166,7 @@ def train(
         losses = []
         for inputs, targets in progress:
             loss = batch_loss(model, torch.from_numpy(inputs).to(device), torch.from_numpy(targets).to(device),
-                              model_config.temperature)
+                              config, candidates)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -175,5 +214,5 @@ def load_checkpoint(path: Path, content: np.ndarray) -> LEARN:
     """A trained LEARN from a checkpoint, over the given content table (which is not saved in it)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model = LEARN(LEARNConfig(**saved["model_config"]), torch.from_numpy(content))
-    model.load_state_dict(saved["state_dict"])
+    model.load_state_dict(saved["state_dict"])  # warm mask and whitening statistics included
     return model.eval()

@@ -79,7 +79,7 @@ def _served_vectors(settings: Settings, films: list[dict]) -> np.ndarray:
     texts = [item_text(title=film["title"], category=film["category"]) for film in films]
     content = np.concatenate([encoder.encode(texts[start : start + 64])
                               for start in tqdm(range(0, len(texts), 64), desc="encoding the films", unit="batch")])
-    return towers.item_vectors(content).astype(np.float32)
+    return towers.item_vectors(content, [film["item_id"] for film in films]).astype(np.float32)
 
 
 def _copies(base: np.ndarray, rows: np.ndarray, noise: float, rng) -> np.ndarray:
