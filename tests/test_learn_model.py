@@ -1,4 +1,4 @@
-"""LEARN towers, the dense all-action loss on a hand-computed example, and a training smoke run."""
+"""LEARN towers, the losses on hand-computed examples, the hybrid's cold path, and training smoke runs."""
 
 import math
 from dataclasses import replace
@@ -9,9 +9,9 @@ import torch
 
 from encoders.training.configs import get_config
 from encoders.training.datasets import make_split
-from encoders.training.evaluate import Paths, trained_learn
-from encoders.training.model import LEARN, LEARNConfig, dense_all_action_loss
-from encoders.training.train import train, window_batches
+from encoders.training.evaluate import Paths, summarise, trained_learn
+from encoders.training.model import LEARN, LEARNConfig, Whitening, dense_all_action_loss
+from encoders.training.train import Candidates, history_exclusions, train, window_batches
 from tests.learn_fixtures import ml100k, ml100k_small  # noqa: F401  (fixtures)
 
 
@@ -27,6 +27,52 @@ def test_dense_all_action_loss_by_hand():
     # Temperature 0.5 doubles every logit.
     want_half = (math.log(1 + math.exp(-4)) + math.log(1 + math.exp(-2)) + math.log(2 + math.exp(2))) / 3
     assert dense_all_action_loss(user, items, positives, temperature=0.5).item() == pytest.approx(want_half, rel=1e-6)
+
+
+def test_excluded_candidates_and_log_q_by_hand():
+    user = torch.tensor([[1.0, 0.0]])  # (P=1, D=2)
+    items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # logits (1, 0, -1)
+    positives = torch.tensor([[0]])
+    # Item 1 excluded (say, in the user's history): the positive competes with item 2 alone.
+    excluded = torch.tensor([[False, True, False]])
+    want = math.log(1 + math.exp(-2))
+    assert dense_all_action_loss(user, items, positives, 1.0, excluded).item() == pytest.approx(want, rel=1e-6)
+    # logQ: each logit minus log q; a popular negative (q = e^-1 > the positive's e^-3) counts for less.
+    log_q = torch.tensor([-3.0, -1.0, -1.0])  # corrected logits (4, 1, 0)
+    want = -math.log(math.exp(4) / (math.exp(4) + math.exp(1) + math.exp(0)))
+    assert dense_all_action_loss(user, items, positives, 1.0, log_q=log_q).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_history_exclusions_cover_what_came_at_or_before_each_position():
+    inputs = torch.tensor([[5, 7, 5, -1]])  # one window; candidates table: items 5, 6, 7 → rows 0, 1, 2
+    row_of = torch.full((10,), -1)
+    row_of[torch.tensor([5, 6, 7])] = torch.arange(3)
+    got = history_exclusions(inputs, row_of, 3)[0]  # (N=4, M=3)
+    want = torch.tensor([[True, False, False], [True, False, True], [True, False, True], [True, False, True]])
+    assert torch.equal(got, want)
+
+
+def test_candidates_leave_out_items_never_trained_on_and_sample_by_popularity(ml100k_small):
+    data, _ = ml100k_small
+    split = make_split(data, "cold", seed=0)
+    full = Candidates(replace(get_config("learn-minilm"), loss="full"), split, torch.device("cpu"))
+    table = full.table(torch.tensor([0]))
+    assert set(table.tolist()) == set(np.flatnonzero(split.trained_items()).tolist()) and full.log_q(table) is None
+    sampled = Candidates(replace(get_config("learn-minilm"), loss="sampled", negatives=64), split, torch.device("cpu"))
+    present = torch.from_numpy(split.train[0][:5])
+    table = sampled.table(present)
+    assert set(present.tolist()) <= set(table.tolist()) and not split.cold[table.numpy()].any()
+    assert torch.isfinite(sampled.log_q(table)).all()
+
+
+def test_whitening_decorrelates_the_content(ml100k_small):
+    _, content = ml100k_small
+    table = torch.from_numpy(content)
+    white = Whitening(table)(table)
+    assert white.mean(dim=0).abs().max() < 1e-4
+    covariance = torch.cov(white.T)
+    off_diagonal = covariance - torch.diag(torch.diag(covariance))
+    assert off_diagonal.abs().max() < 0.05 and torch.diag(covariance).max() < 1.5
 
 
 def tiny_model(**overrides) -> LEARN:
@@ -73,6 +119,15 @@ def small_config(**overrides):
     return replace(base, model=replace(base.model, max_history=20), batch_size=16, lr=3e-3, **overrides)
 
 
+@pytest.mark.parametrize("loss", ["in_batch", "full", "sampled"])
+def test_every_loss_trains(ml100k_small, loss):
+    data, content = ml100k_small
+    config = small_config(loss=loss, negatives=256 if loss == "sampled" else 0, mask_history=True)
+    _, history = train(config, make_split(data, "loo"), content, max_steps=20, show_progress=False)
+    losses = np.asarray(history["step_loss"])
+    assert np.isfinite(losses).all() and losses[-10:].mean() < losses[:10].mean()
+
+
 def test_training_smoke_loss_decreases(ml100k_small):
     data, content = ml100k_small
     _, history = train(small_config(), make_split(data, "loo"), content, max_steps=40, show_progress=False)
@@ -81,17 +136,32 @@ def test_training_smoke_loss_decreases(ml100k_small):
     assert losses[-10:].mean() < losses[:10].mean() - 0.05
 
 
-def test_id_residual_stays_zero_for_items_never_trained_on(ml100k_small, tmp_path):
+@pytest.mark.parametrize("shared_input", [False, True])
+def test_the_hybrid_gives_items_never_trained_on_exactly_the_content_only_vector(ml100k_small, shared_input):
     data, content = ml100k_small
-    config = small_config()
-    config = replace(config, model=replace(config.model, id_residual=True))
+    config = small_config(loss="full", mask_history=True)
+    config = replace(config, model=replace(config.model, id_residual=True, id_dropout=0.3, shared_input=shared_input))
     split = make_split(data, "cold", seed=0)
     model, _ = train(config, split, content, max_steps=15, show_progress=False)
-    trained = split.trained_items()
-    assert not trained[split.cold].any()
-    for table in (model.user_ids.weight, model.item_ids.weight):
-        assert (table[torch.from_numpy(~trained)] == 0).all()  # cold path: content only
-        assert (table[torch.from_numpy(trained)] != 0).any()
+    cold = torch.from_numpy(np.flatnonzero(split.cold))
+    warm = torch.from_numpy(np.flatnonzero(split.trained_items()))
+    with torch.no_grad():
+        model.train()  # as in training (ID dropout on): a cold item has no ID part on either tower
+        assert (model.item_id_parts(cold) == 0).all() and (model.history_id_parts(cold) == 0).all()
+        model.eval()
+        assert torch.allclose(model.item_vectors(cold), model.content_item_vectors(model.content[cold]), atol=1e-6)
+        trained = model.item_vectors(warm)
+        assert not torch.allclose(trained, model.content_item_vectors(model.content[warm]), atol=1e-3)
+        history = cold[:5][None]  # a history of cold items only: the user tower reads their content alone
+        assert torch.allclose(model.user_vectors(history),
+                              model.history_vectors(model.content[history], history >= 0), atol=1e-6)
+
+
+def test_seeds_are_summarised_as_mean_and_spread():
+    per_seed = {"learn": {"loo": {"0": {"hr@50": 0.3, "ndcg@50": 0.1}, "1": {"hr@50": 0.5, "ndcg@50": 0.1}}}}
+    means, spreads = summarise(per_seed)
+    assert means["learn"]["loo"] == pytest.approx({"hr@50": 0.4, "ndcg@50": 0.1})
+    assert spreads["learn"]["loo"] == pytest.approx({"hr@50": 0.1, "ndcg@50": 0.0})
 
 
 def test_shared_input_reads_item_tower_embeddings():
