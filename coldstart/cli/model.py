@@ -1,4 +1,4 @@
-"""Commands of the model (torch, encoders.training): `export`, `data fetch|check`, `train`, `evaluate`,
+"""Commands of the model (torch, encoders.training): `export`, `data fetch|check|export`, `train`, `evaluate`,
 `export-towers`.
 
 Registered on the `coldstart` group in coldstart/cli. Everything they fetch,
@@ -6,7 +6,7 @@ cache or train goes under COLDSTART_DATA_DIR (default: data/, git-ignored);
 the encoder is exported to COLDSTART_ONNX_DIR/<COLDSTART_ENCODER>, the towers
 to COLDSTART_ONNX_DIR/towers (default: onnx/). `train` and `evaluate` read a
 data folder (`--data`, README "Training on your own data"), MovieLens-100K
-without one.
+without one; `data export` (no torch) writes the service's own history as one.
 """
 
 from __future__ import annotations
@@ -143,6 +143,33 @@ def check(settings: Settings, path: Path, skip_bad_rows: bool) -> None:
                f"positive interactions ({read.summary()})")
     if read.bad_rows:
         raise click.ClickException(f"{read.bad_rows} bad rows")
+
+
+@data.command("export")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="The data folder to write (created if needed; files of the same format are replaced).")
+@click.option("--from", "source", type=click.Choice(["topics", "offline"]), default="topics", show_default=True,
+              help="'topics': item-uploads and user-actions from the earliest offset the broker holds (the full "
+                   "record); 'offline': the offline store (titles and categories only, histories without actions "
+                   "or their times: README).")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "jsonl"]), default="parquet",
+              show_default=True)
+@click.option("--idle-seconds", type=click.FloatRange(0.1), default=2.0, show_default=True,
+              help="'topics': stop once every partition is read to its end and nothing more came for this long.")
+@click.pass_obj
+def export_history(settings: Settings, out_dir: Path, source: str, fmt: str, idle_seconds: float) -> None:
+    """Write the service's own history (items and interactions) as a data folder for `train --data`."""
+    from encoders.training.own_data import DataError, write_data
+    from streams import history
+    from streams.patches import CodecsMissing
+
+    try:
+        found = history.from_topics(settings, idle_seconds) if source == "topics" else history.from_offline(settings)
+        items_path, interactions_path = write_data(out_dir, found.items, found.interactions, fmt)
+    except (CodecsMissing, DataError, history.HistoryError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"wrote {len(found.items)} items to {items_path} and {len(found.interactions)} interactions to "
+               f"{interactions_path} (from the {source}: {found.summary()})")
 
 
 @click.command()
