@@ -117,46 +117,56 @@ def from_topics(settings: Settings, idle_seconds: float = 2.0, patience_seconds:
 
 async def _read_topic(settings: Settings, topic: str, idle_seconds: float, patience_seconds: float) -> list:
     """The values of every record on the topic, partition by partition in offset order."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.errors import KafkaError
 
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap.split(","), group_id=None, enable_auto_commit=False,
         # tansu does not wake a waiting fetch on new data (shared/notes/kafka-broker.md): wait briefly.
         fetch_max_wait_ms=DEV_FETCH_MAX_WAIT_MS if settings.dev else 500, **_client_options(settings),
     )
-    await consumer.start()
     try:
+        await consumer.start()
         await consumer.topics()  # metadata
         numbers = consumer.partitions_for_topic(topic)
         if not numbers:
             raise HistoryError(f"topic {topic!r} does not exist on {settings.kafka_bootstrap}")
-        partitions = [TopicPartition(topic, p) for p in sorted(numbers)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        records = {p: [] for p in partitions}
-        quiet_since = time.monotonic()
-        while True:
-            batches = await consumer.getmany(*partitions, timeout_ms=200)
-            for partition, messages in batches.items():
-                records[partition] += messages
-            if any(batches.values()):
-                quiet_since = time.monotonic()
-                continue
-            quiet = time.monotonic() - quiet_since
-            short = {p: (await consumer.position(p), ends[p]) for p in partitions}
-            short = {p: at for p, at in short.items() if at[0] < at[1]}
-            if not short and quiet >= idle_seconds:
-                break
-            if quiet >= patience_seconds:
-                log.warning("%s: stopped short of the end offsets the broker reported (%s): nothing more came "
-                            "for %.0f s", topic, ", ".join(f"[{p.partition}] at {a} of {b}" for p, (a, b) in
-                                                           short.items()), quiet)
-                break
+        records = await _read_to_end(consumer, topic, sorted(numbers), idle_seconds, patience_seconds)
+    except KafkaError as err:
+        raise HistoryError(f"cannot read {topic} from {settings.kafka_bootstrap}: {err}") from None
     finally:
         await consumer.stop()
-    log.info("%s: %d records from %d partitions", topic, sum(map(len, records.values())), len(partitions))
-    return [m.value for p in partitions for m in sorted(records[p], key=lambda m: m.offset)]
+    log.info("%s: %d records from %d partitions", topic, sum(map(len, records)), len(records))
+    return [m.value for messages in records for m in sorted(messages, key=lambda m: m.offset)]
+
+
+async def _read_to_end(consumer, topic: str, numbers: list[int], idle_seconds: float,
+                       patience_seconds: float) -> list[list]:
+    """Each partition's records, from its beginning to its end (from_topics says when that is)."""
+    from aiokafka import TopicPartition
+
+    partitions = [TopicPartition(topic, p) for p in numbers]
+    consumer.assign(partitions)
+    await consumer.seek_to_beginning(*partitions)
+    ends = await consumer.end_offsets(partitions)
+    records = {p: [] for p in partitions}
+    quiet_since = time.monotonic()
+    while True:
+        batches = await consumer.getmany(*partitions, timeout_ms=200)
+        for partition, messages in batches.items():
+            records[partition] += messages
+        if any(batches.values()):
+            quiet_since = time.monotonic()
+            continue
+        quiet = time.monotonic() - quiet_since
+        positions = {p: (await consumer.position(p), ends[p]) for p in partitions}
+        short = {p: at for p, at in positions.items() if at[0] < at[1]}
+        if not short and quiet >= idle_seconds:
+            return list(records.values())
+        if quiet >= patience_seconds:
+            log.warning("%s: stopped short of the end offsets the broker reported (%s): nothing more came for %.0f s",
+                        topic, ", ".join(f"[{p.partition}] at {a} of {b}" for p, (a, b) in short.items()), quiet)
+            return list(records.values())
 
 
 def _client_options(settings: Settings) -> dict:

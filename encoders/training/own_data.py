@@ -269,7 +269,11 @@ def _csv_rows(path: Path, kind: str):
             if len(cells) != len(header):
                 yield f"line {start}", _Unparsed(InvalidEvent(f"{len(cells)} cells for {len(header)} columns"))
                 continue
-            yield f"line {start}", {name: _csv_cell(name, cell) for name, cell in zip(header, cells) if cell != ""}
+            yield f"line {start}", {name: _csv_cell(name, cell) for name, cell in zip(header, cells)
+                                    if cell != "" or name not in NOT_TEXT}
+
+
+NOT_TEXT = ("price", "tags", "deleted", *TIME_FIELDS)  # an empty CSV cell of these is no value; of text, ""
 
 
 def _csv_cell(name: str, cell: str):
