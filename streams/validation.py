@@ -9,11 +9,8 @@ removal event; and it builds the faust records the agents work on.
 
 from __future__ import annotations
 
-from coldstart.events import (  # noqa: F401  (the rules' names, as the agents and tests import them from here)
+from coldstart.events import (  # noqa: F401  (ACTIONS…: the rules' names, as the agents and tests import them)
     ACTIONS,
-    MAX_FUTURE,
-    MAX_ID_CHARS,
-    MAX_JSON_DEPTH,
     MAX_TAGS,
     POSITIVE_ACTIONS,
     InvalidEvent,

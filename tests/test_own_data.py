@@ -54,7 +54,8 @@ def test_every_format_reads_the_same_data_set(tmp_path, fmt):
     assert data.name == "shelf" and data.item_ids == ["b1", "b2", "b3"]  # file order
     assert data.item_texts[0] == item_text("Dune", "A desert planet.", "Science Fiction", "Ace", ["classic", "space"],
                                            9.99)  # the worker's text of the same fields
-    assert data.item_texts[0] == "Dune Category: Science Fiction. By Ace. Tags: classic, space. Price: 9.99. A desert planet."
+    assert data.item_texts[0] == ("Dune Category: Science Fiction. By Ace. Tags: classic, space. Price: 9.99. "
+                                  "A desert planet.")
     sequences = {u: [data.item_ids[i] for i in s] for u, s in zip(data.user_ids, data.sequences)}
     assert sequences == {"u1": ["b1", "b2", "b3"], "u2": ["b3"]}  # by time, a tie in file order; skips left out
     assert (read.items.rows, read.interactions.rows, read.skips, read.bad_rows) == (3, 5, 1, 0)
@@ -201,7 +202,8 @@ def history(stack):
             send_item(producer, item_event({"item_id": item_id, "title": title, "category": category},
                                            start + timedelta(seconds=n)))
         items[replaced] = ("A book about gardening, 2nd edition", "")  # a newer upload replaces the first
-        send_item(producer, item_event({"item_id": replaced, "title": items[replaced][0]}, start + timedelta(minutes=5)))
+        send_item(producer, item_event({"item_id": replaced, "title": items[replaced][0]},
+                                       start + timedelta(minutes=5)))
         send_item(producer, b'{"item_id": "no-title", "uploaded_at": 1}')  # dead-lettered, left out
         producer.flush()
         wait_readable(stack.store, ids, timeout=60)

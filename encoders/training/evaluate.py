@@ -59,7 +59,8 @@ class Paths:
         return self.root / "checkpoints" / dataset / config / protocol
 
 
-def load_dataset(paths: Paths, data: Path | None = None, skip_bad_rows: bool = False) -> tuple[Interactions, ReadReport]:
+def load_dataset(paths: Paths, data: Path | None = None,
+                 skip_bad_rows: bool = False) -> tuple[Interactions, ReadReport]:
     """The data folder `data` (encoders.training.own_data), or MovieLens-100K (fetched and converted once)
     without one; and what was read. own_data.DataError (BadRow) if it breaks the format's rules."""
     if data is None:

@@ -133,13 +133,14 @@ class ReadReport:
         return len(self.items.bad) + len(self.interactions.bad)
 
     def summary(self) -> str:
-        return f"{self.items.summary()}; {self.interactions.summary()}; {_count(self.skips, 'skip action')} (in no sequence)"
+        skips = _count(self.skips, "skip action")
+        return f"{self.items.summary()}; {self.interactions.summary()}; {skips} (in no sequence)"
 
     def as_dict(self) -> dict:
-        return {kind: {"path": str(report.path), "rows": report.rows, "bad_rows": len(report.bad),
-                       "bad": [f"{where}: {reason}" for where, reason in report.bad[:SHOWN_REASONS]]}
-                for kind, report in (("items", self.items), ("interactions", self.interactions))} | {
-            "skip_actions": self.skips}
+        files = {kind: {"path": str(report.path), "rows": report.rows, "bad_rows": len(report.bad),
+                        "bad": [f"{where}: {reason}" for where, reason in report.bad[:SHOWN_REASONS]]}
+                 for kind, report in (("items", self.items), ("interactions", self.interactions))}
+        return {**files, "skip_actions": self.skips}
 
 
 def _count(number: int, thing: str) -> str:
@@ -217,7 +218,8 @@ def read_data(folder: Path, skip_bad_rows: bool = False, name: str = "") -> tupl
             items.append(action["item_id"])
             times.append((action["occurred_at"] - EPOCH) // timedelta(microseconds=1))  # exact: ties stay ties
     if not users:
-        raise DataError(f"{interactions_path}: no positive interaction ({', '.join(sorted(POSITIVE_ACTIONS))}) to train on")
+        positive = ", ".join(sorted(POSITIVE_ACTIONS))
+        raise DataError(f"{interactions_path}: no positive interaction ({positive}) to train on")
     return build_interactions(name or Path(folder).resolve().name, item_ids, texts, users, items, times), report
 
 
