@@ -147,6 +147,17 @@ def offline_table(store: FeatureStore, view_name: str) -> OfflineTable:
     return OfflineTable(Path(path), offline_schema(view))
 
 
+def read_offline(store: FeatureStore, view_name: str, columns: list[str]) -> pd.DataFrame:
+    """These columns of every row in a view's offline table (all its part files; none yet: no rows)."""
+    import pyarrow.dataset as ds
+
+    table = offline_table(store, view_name)
+    if not table.path.is_dir():
+        return table.schema.empty_table().select(columns).to_pandas()
+    # Files being written are dot-files, which a dataset skips.
+    return ds.dataset(table.path, format="parquet", schema=table.schema).to_table(columns=columns).to_pandas()
+
+
 # ---- writes ------------------------------------------------------------------
 
 def item_embedding_frame(item_ids, vectors, content_vectors, titles, categories, model_version: str,

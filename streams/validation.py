@@ -1,48 +1,24 @@
 """Turn raw event bytes into a typed record, or say exactly why not.
 
-Rules for user actions: a JSON object with `user_id`, `item_id` (identifiers as
-for items), `action` (one of ACTIONS) and `occurred_at` (as `uploaded_at`).
-
-Rules for item uploads:
-- a null value (a Kafka tombstone) is not an item's removal: it is dead-lettered
-  with ITEM_TOMBSTONE, which names the removal event;
-- a JSON object with `item_id` (non-empty string), `title` (string) and
-  `uploaded_at` (ISO-8601 with a time zone, or epoch seconds);
-- a removal is `{"item_id": …, "deleted": true, "uploaded_at": …}` (other fields
-  ignored); `deleted` must be a boolean, and `false` means an ordinary upload;
-- event times (`uploaded_at`, `occurred_at`) between 1970 and MAX_FUTURE ahead
-  of this worker's clock: a far-future time would stay "newest" and shadow every
-  later update;
-- optional `description`, `category`, `brand` (strings), `price` (finite number
-  ≥ 0 or null), `tags` (list of strings); unknown fields are ignored;
-- there must be some text to encode: title and description are not both blank;
-- unpaired UTF-16 surrogates (valid JSON escapes, not valid Unicode) in text are
-  replaced by U+FFFD, so a producer that cut a string mid-emoji loses one
-  character, not the item;
-- long text is kept and truncated at encode time (encoders.text, the tokenizer);
-  more than MAX_TAGS tags are cut to the first MAX_TAGS.
+The rules themselves are coldstart.events (shared with the training-data
+reader, so a training row is valid exactly when the same event is); this module
+adds what is particular to the topics: a null value (a Kafka tombstone) is not
+an item's removal, and is dead-lettered with ITEM_TOMBSTONE, which names the
+removal event; and it builds the faust records the agents work on.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from datetime import datetime, timedelta, timezone
-
+from coldstart.events import (  # noqa: F401  (ACTIONS…: the rules' names, as the agents and tests import them)
+    ACTIONS,
+    MAX_TAGS,
+    POSITIVE_ACTIONS,
+    InvalidEvent,
+    action_fields,
+    item_fields,
+    json_object,
+)
 from streams.records import ItemUpload, UserAction
-
-MAX_ID_CHARS = 256
-MAX_TAGS = 64
-MAX_JSON_DEPTH = 256  # far below Python's recursion limit, far above any real event
-MAX_FUTURE = timedelta(hours=1)  # allowance for producer clock skew
-MAX_FUTURE_TEXT = "1 hour"
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_SURROGATES = re.compile("[\ud800-\udfff]")
-# Actions that say "more like this" and enter the user's history, and the ones that do not.
-POSITIVE_ACTIONS = frozenset({"click", "like", "share", "purchase"})
-ACTIONS = POSITIVE_ACTIONS | {"skip"}
-
 
 # A null value is how compacted topics delete a key; item-uploads is not one, and an item is
 # removed by an event of its own (README, "Input: item-uploads").
@@ -50,157 +26,13 @@ ITEM_TOMBSTONE = ('null value (a tombstone): it does not remove an item; to remo
                   '{"item_id": ..., "deleted": true, "uploaded_at": ...} (README, "Input: item-uploads")')
 
 
-class InvalidEvent(ValueError):
-    """The event cannot be processed; str(error) is the reason sent to dead-letters."""
-
-
 def parse_item_upload(raw: bytes | None) -> ItemUpload:
     if raw is None:
         raise InvalidEvent(ITEM_TOMBSTONE)
-    data = _json_object(raw)
-    item_id = _identifier(data, "item_id")
-    deleted = data.get("deleted", False)
-    if not isinstance(deleted, bool):
-        raise InvalidEvent(f"deleted must be true or false, got {type(deleted).__name__}")
-    if deleted:
-        return ItemUpload(item_id=item_id, title="", uploaded_at=_event_time(data, "uploaded_at"), deleted=True)
-    title = _text(_required_str(data, "title"))
-    description = _text(_optional_str(data, "description"))
-    if not title.strip() and not description.strip():
-        raise InvalidEvent("no text to encode: title and description are both empty")
-    tags = data.get("tags")
-    if tags is None:
-        tags = []
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        raise InvalidEvent("tags must be a list of strings")
-    return ItemUpload(
-        item_id=item_id,
-        title=title,
-        uploaded_at=_event_time(data, "uploaded_at"),
-        description=description,
-        category=_text(_optional_str(data, "category")),
-        brand=_text(_optional_str(data, "brand")),
-        price=_price(data),
-        tags=[_text(t) for t in tags[:MAX_TAGS]],
-    )
+    return ItemUpload(**item_fields(json_object(raw)))
 
 
 def parse_user_action(raw: bytes | None) -> UserAction:
     if raw is None:
         raise InvalidEvent("null value (a tombstone): user-actions holds events, not state; there is nothing to delete")
-    data = _json_object(raw)
-    action = _required_str(data, "action")
-    if action not in ACTIONS:
-        raise InvalidEvent(f"action must be one of {', '.join(sorted(ACTIONS))}, got {action[:40]!r}")
-    return UserAction(
-        user_id=_identifier(data, "user_id"),
-        item_id=_identifier(data, "item_id"),
-        action=action,
-        occurred_at=_event_time(data, "occurred_at"),
-    )
-
-
-def _identifier(data: dict, name: str) -> str:
-    value = _required_str(data, name)
-    if not value.strip() or len(value) > MAX_ID_CHARS or not value.isprintable():
-        raise InvalidEvent(f"{name} must be 1–{MAX_ID_CHARS} printable characters")
-    return value
-
-
-def _json_object(raw: bytes) -> dict:
-    if _nesting_depth(raw) > MAX_JSON_DEPTH:
-        # Checked before parsing: how deep json.loads can go depends on the caller's stack,
-        # and the same event must get the same verdict wherever it is parsed.
-        raise InvalidEvent(f"not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        data = json.loads(raw)
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
-        raise InvalidEvent(f"not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise InvalidEvent(f"expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-_STRUCTURE = re.compile(rb'\\.|"|[\[\]{}]')  # escapes, quotes and brackets: all the depth depends on
-
-
-def _nesting_depth(raw: bytes) -> int:
-    """Deepest bracket nesting outside strings (cheap unless the event is full of brackets)."""
-    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
-        return 0  # cannot be deeper than the bracket count
-    depth = deepest = 0
-    in_string = False
-    for match in _STRUCTURE.finditer(raw):
-        token = match.group()
-        if token == b'"':
-            in_string = not in_string
-        elif not in_string and token in (b"[", b"{"):
-            depth += 1
-            deepest = max(deepest, depth)
-        elif not in_string and token in (b"]", b"}"):
-            depth -= 1
-    return deepest
-
-
-def _required_str(data: dict, name: str) -> str:
-    if name not in data or data[name] is None:
-        raise InvalidEvent(f"missing required field {name!r}")
-    value = data[name]
-    if not isinstance(value, str):
-        raise InvalidEvent(f"{name} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _text(value: str) -> str:
-    return _SURROGATES.sub("\ufffd", value)
-
-
-def _optional_str(data: dict, name: str) -> str:
-    value = data.get(name)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InvalidEvent(f"{name} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _price(data: dict) -> float | None:
-    price = data.get("price")
-    if price is None:
-        return None
-    if isinstance(price, bool) or not isinstance(price, (int, float)):
-        raise InvalidEvent(f"price must be a number, got {type(price).__name__}")
-    if not math.isfinite(_as_float(price)) or price < 0:
-        raise InvalidEvent(f"price must be a finite number ≥ 0, got {price!r:.40}")
-    return float(price)
-
-
-def _as_float(number: int | float) -> float:
-    try:
-        return float(number)
-    except OverflowError:  # an integer with more digits than a float holds
-        return math.inf
-
-
-def _event_time(data: dict, name: str) -> datetime:
-    if name not in data or data[name] is None:
-        raise InvalidEvent(f"missing required field {name!r}")
-    value = data[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise InvalidEvent(f"{name} must be an ISO-8601 string or epoch seconds, got {type(value).__name__}")
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise InvalidEvent(f"{name} is not an ISO-8601 time: {value[:40]!r}") from None
-        if parsed.tzinfo is None:
-            raise InvalidEvent(f"{name} needs a time zone (e.g. 2026-01-31T12:00:00Z)")
-    else:
-        try:
-            parsed = datetime.fromtimestamp(value, tz=timezone.utc)
-        except (ValueError, OverflowError, OSError):
-            raise InvalidEvent(f"{name} epoch seconds out of range: {value!r:.40}") from None
-    latest = datetime.now(timezone.utc) + MAX_FUTURE
-    if not EPOCH <= parsed <= latest:
-        raise InvalidEvent(f"{name} must be between 1970 and {MAX_FUTURE_TEXT} from now, got {parsed.isoformat()}")
-    return parsed.astimezone(timezone.utc)
+    return UserAction(**action_fields(json_object(raw)))

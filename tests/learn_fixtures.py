@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coldstart.config import PROJECT_ROOT
-from encoders.training.datasets import Interactions, content_embeddings, fetch_ml100k, load_ml100k
+from encoders.training.datasets import Interactions, content_embeddings, load_ml100k
 from encoders.training.registry import encoder_config
+from tests.conftest import PROJECT_DATA_DIR
 
 
 @pytest.fixture(scope="session")
 def ml100k() -> Interactions:
-    """The real data set, fetched (once, checksum-verified) into data/datasets/ml-100k."""
-    return load_ml100k(fetch_ml100k(PROJECT_ROOT / "data" / "datasets" / "ml-100k"))
+    """The real data set, fetched (once, checksum-verified) and converted into data/datasets/ml-100k."""
+    return load_ml100k(PROJECT_DATA_DIR / "datasets" / "ml-100k")
 
 
 @pytest.fixture(scope="session")

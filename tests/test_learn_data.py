@@ -3,13 +3,24 @@
 import csv
 import gzip
 import json
+from dataclasses import asdict
 
 import numpy as np
+import pandas as pd
 
-from coldstart.config import PROJECT_ROOT
+from encoders.text import item_text
 from encoders.training.ceg import CEGConfig
-from encoders.training.datasets import Interactions, content_embeddings, fetch_ml100k, load_amazon2014, make_split
+from encoders.training.datasets import (Interactions, amazon2014_to_data, content_cache_key, content_embeddings,
+                                        fetch_ml100k, make_split, ml100k_films, prepare_ml100k)
+from encoders.training.own_data import read_data
+from encoders.training.registry import encoder_config
+from tests.conftest import PROJECT_DATA_DIR
 from tests.learn_fixtures import ml100k  # noqa: F401  (fixture)
+
+ML100K = PROJECT_DATA_DIR / "datasets" / "ml-100k"
+# The cache file of ML-100K's MiniLM embeddings (data/cache/content/): its texts must not change, or
+# every evaluation figure would be computed on new embeddings.
+ML100K_MINILM_CACHE_KEY = "all-minilm-l6-v2-46b3dbeec6fc9102"
 
 
 def test_ml100k_real_files(ml100k):
@@ -17,13 +28,44 @@ def test_ml100k_real_files(ml100k):
     assert min(len(s) for s in ml100k.sequences) >= 20  # ML-100K: every user rated at least 20 movies
     assert ml100k.item_texts[ml100k.item_ids.index("1")] == "Toy Story (1995) Category: Animation, Children's, Comedy."
     # Each user's sequence is in time order, ties in file order: check against the raw file.
-    with open(PROJECT_ROOT / "data" / "datasets" / "ml-100k" / "ml-100k.inter") as f:
+    with open(ML100K / "ml-100k.inter") as f:
         rows = list(csv.reader(f, delimiter="\t"))[1:]
     user = "1"
     expected = [item for _, item, _, _ in sorted(
         (r for r in rows if r[0] == user), key=lambda r: float(r[3]))]  # sorted() is stable
     got = [ml100k.item_ids[i] for i in ml100k.sequences[ml100k.user_ids.index(user)]]
     assert got == expected
+
+
+def test_ml100k_through_the_data_format_is_the_data_set_the_figures_were_made_on(ml100k):
+    """Read from its converted data folder, ML-100K has the items in the same order with the same texts
+    (so the cached content embeddings stay valid) and the same users and sequences as read from RecBole's
+    files directly (the loader before the format)."""
+    films = ml100k_films(ML100K)
+    assert ml100k.item_ids == [film["item_id"] for film in films]
+    assert ml100k.item_texts == [item_text(title=film["title"], category=film["category"]) for film in films]
+    config = encoder_config("all-minilm-l6-v2")
+    settings = {k: v for k, v in asdict(config).items() if k not in ("name", "model_path")}
+    assert content_cache_key(config.name, ml100k.item_texts, **settings) == ML100K_MINILM_CACHE_KEY
+    inter = pd.read_csv(ML100K / "ml-100k.inter", sep="\t", dtype=str)
+    inter.columns = [c.split(":")[0] for c in inter.columns]
+    inter["timestamp"] = inter["timestamp"].astype(float)
+    index = {item: i for i, item in enumerate(ml100k.item_ids)}
+    inter["item"] = inter["item_id"].map(index)
+    expected = inter.sort_values(["user_id", "timestamp"], kind="stable").groupby("user_id", sort=True)["item"]
+    assert ml100k.user_ids == list(expected.groups)
+    assert all(np.array_equal(got, want.to_numpy()) for got, (_, want) in zip(ml100k.sequences, expected))
+    assert sorted(p.name for p in ML100K.glob("*.parquet")) == ["interactions.parquet", "items.parquet"]
+
+
+def test_ml100k_is_converted_again_when_its_conversion_is_not_current(tmp_path):
+    for name in ("ml-100k.inter", "ml-100k.item", "ml-100k.user"):  # checksum-verified: no download
+        (tmp_path / name).write_bytes((ML100K / name).read_bytes())
+    folder = prepare_ml100k(tmp_path)
+    first = (folder / "items.parquet").stat().st_mtime_ns
+    assert prepare_ml100k(tmp_path) == folder and (folder / "items.parquet").stat().st_mtime_ns == first
+    pd.DataFrame({"item_id": ["1"], "title": ["stale"]}).to_parquet(folder / "items.parquet")  # no stamp
+    assert read_data(prepare_ml100k(tmp_path))[0].num_items == 1682
 
 
 def test_fetch_is_idempotent_and_repairs_a_changed_file(tmp_path):
@@ -57,8 +99,9 @@ def write_amazon_sample(folder):
 
 
 def test_amazon2014_sample(tmp_path):
-    data = load_amazon2014(*write_amazon_sample(tmp_path))
-    assert data.name == "Test"
+    amazon2014_to_data(*write_amazon_sample(tmp_path), tmp_path / "Test")
+    data, read = read_data(tmp_path / "Test")
+    assert data.name == "Test" and read.bad_rows == 0
     assert data.item_ids == ["B1", "B2", "B4"]  # B3 has no metadata, B9 no review
     texts = dict(zip(data.item_ids, data.item_texts))
     assert texts["B1"] == "Dune Category: Books > Science Fiction. By Ace. Tags: Kindle Store. Price: 9.99. A desert planet."

