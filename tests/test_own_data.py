@@ -270,7 +270,7 @@ def test_history_exported_from_the_topics_holds_what_the_service_saw_and_trains(
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"from-topics: {len(sequences)} users, {len(texts)} items" in done.stdout
     assert "learn-minilm-smoke [loo]: best epoch" in done.stdout
-    assert (tmp_path / "data" / "checkpoints" / "from-topics" / "learn-minilm-smoke" / "loo" / "checkpoint.pt").exists()
+    assert (tmp_path / "data" / "checkpoints" / "from-topics" / "learn-minilm-smoke" / "loo" / "seed-0" / "checkpoint.pt").exists()
 
     # A training file with bad rows: the error names file and line; with the flag, skipped and counted.
     with open(out / "interactions.csv", "a") as f:

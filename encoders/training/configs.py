@@ -45,41 +45,61 @@ class TrainConfig:
         assert (self.loss == "sampled") == (self.negatives > 0), "negatives: the sampled loss's pool size"
 
 
-DEFAULT = "learn-minilm"
+# The served default: the hybrid (ID parts for items seen in training, content alone for
+# the rest) — chosen on validation NDCG@50 (EVALUATION.md, "One model for warm and cold").
+DEFAULT = "learn-hybrid-minilm"
+PURE_LEARN = "learn-minilm"  # content only: LEARN as published, kept as a named row
 
 # lr 3e-3 (was 1e-3 until 2026-11-25): validation NDCG@50 on loo 0.1313 → 0.1445, tuned on
-# validation only (EVALUATION.md, "Tuning"); the ablations below inherit it.
-_BASE = TrainConfig(
-    name=DEFAULT,
+# validation only (EVALUATION.md, "Tuning"). Since 2026-12-01 a full-catalogue softmax with the
+# user's history masked (LEARN's released fine-tuning): validation NDCG@50 on loo 0.1445 → 0.1524.
+_LEARN = TrainConfig(
+    name=PURE_LEARN,
     date="2026-12-01",
-    command="coldstart train --config learn-minilm",
+    command="coldstart evaluate --config learn-minilm",
+    loss="full",
+    mask_history=True,
 )
 
 CONFIGS: dict[str, TrainConfig] = {
     c.name: c
     for c in [
-        _BASE,
+        _LEARN,
+        replace(
+            _LEARN, name=DEFAULT, command="coldstart evaluate",
+            model=replace(_LEARN.model, id_residual=True, id_dropout=0.3),
+        ),
+        # Ablations of the hybrid: without ID dropout; with whitened content.
+        replace(
+            _LEARN, name="learn-hybrid-minilm-nodrop", command="coldstart evaluate --extra learn-hybrid-minilm-nodrop",
+            model=replace(_LEARN.model, id_residual=True),
+        ),
+        replace(
+            _LEARN, name="learn-hybrid-minilm-white", command="coldstart evaluate --extra learn-hybrid-minilm-white",
+            model=replace(_LEARN.model, id_residual=True, id_dropout=0.3, whiten=True),
+        ),
+        # Ablations of pure LEARN's objective: in-batch negatives (the default until 2026-12-01);
+        # a sampled softmax with logQ over a shared pool of 512 (the large-catalogue form).
+        replace(_LEARN, name="learn-minilm-inbatch", loss="in_batch", mask_history=False,
+                command="coldstart evaluate --extra learn-minilm-inbatch"),
+        replace(_LEARN, name="learn-minilm-sampled", loss="sampled", negatives=512,
+                command="coldstart evaluate --extra learn-minilm-sampled"),
         # Second encoder row: a small causal LLM, mean-pooled over the attention mask.
         replace(
-            _BASE, name="learn-smollm2", encoder="smollm2-135m",
-            model=replace(_BASE.model, content_dim=576),
+            _LEARN, name="learn-smollm2", encoder="smollm2-135m",
+            model=replace(_LEARN.model, content_dim=576),
             command="coldstart train --config learn-smollm2",
         ),
-        # Ablations of the default: next-item loss only; the PCH architecture as item tower.
-        replace(_BASE, name="learn-minilm-next1", next_k=1, command="coldstart train --config learn-minilm-next1"),
+        # Ablations of pure LEARN's towers: next-item loss only; the PCH architecture as item tower.
+        replace(_LEARN, name="learn-minilm-next1", next_k=1, command="coldstart train --config learn-minilm-next1"),
         replace(
-            _BASE, name="learn-minilm-pchitem", model=replace(_BASE.model, item_tower="pch"),
+            _LEARN, name="learn-minilm-pchitem", model=replace(_LEARN.model, item_tower="pch"),
             command="coldstart train --config learn-minilm-pchitem",
         ),
         # Fast towers for tests and demos (not a reported result): 3 epochs, the best kept.
         replace(
-            _BASE, name="learn-minilm-smoke", max_epochs=3, patience=3, date="2026-12-01",
+            _LEARN, name="learn-minilm-smoke", max_epochs=3, patience=3,
             command="coldstart train --config learn-minilm-smoke --protocol loo",
-        ),
-        # Named variant (not LEARN): a learned ID residual for warm items; cold items stay content-only.
-        replace(
-            _BASE, name="learn-id-minilm", model=replace(_BASE.model, id_residual=True),
-            command="coldstart train --config learn-id-minilm",
         ),
     ]
 }

@@ -7,8 +7,8 @@ Protocols (encoders.datasets.make_split), every model scored by one ranker
   reported overall ("cold_overall") and for cold ("cold_cold") and warm
   ("cold_warm") targets.
 
-Models: "learn" (the named default config; trained first if it has no
-checkpoint), "sasrec" (RecBole, cached per split), "pop" (training-interaction
+Models: "learn" (the named default config, the hybrid; trained first if it has no
+checkpoint), "learn-minilm" (pure LEARN, content only: always reported), "sasrec" (RecBole, cached per split), "pop" (training-interaction
 counts), "content" (user = mean of the history's frozen content embeddings,
 cosine to items, no training), plus any extra LEARN configs asked for.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from encoders.training.configs import DEFAULT, TrainConfig, get_config
+from encoders.training.configs import DEFAULT, PURE_LEARN, TrainConfig, get_config
 from encoders.training.registry import encoder_config
 from encoders.training.datasets import Interactions, Split, content_embeddings, make_split, prepare_ml100k
 from encoders.training.own_data import ReadReport, read_data
@@ -150,6 +150,8 @@ def evaluate(
     standard deviation (population, over the seeds a model ran on)."""
     started = time.time()
     data, read = dataset or load_dataset(paths)
+    if config_name != PURE_LEARN and PURE_LEARN not in extra_configs:
+        extra_configs = (*extra_configs, PURE_LEARN)  # LEARN as published: always a row beside the default
     configs = [get_config(name) for name in (config_name, *extra_configs)]
     report = {"dataset": data.name, "seed_list": list(seeds), "results": {}, "seeds": {}, "spread": {},
               "counts": {}, "seconds": {}, "training": {}, "sasrec": {}, "data": read.as_dict()}
