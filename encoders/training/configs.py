@@ -69,10 +69,15 @@ CONFIGS: dict[str, TrainConfig] = {
             _LEARN, name=DEFAULT, command="coldstart evaluate",
             model=replace(_LEARN.model, id_residual=True, id_dropout=0.3),
         ),
-        # Ablations of the hybrid: without ID dropout; with whitened content.
+        # Ablations of the hybrid: without ID dropout; the user tower reading item vectors
+        # (SASRec's shared table); whitened content.
         replace(
             _LEARN, name="learn-hybrid-minilm-nodrop", command="coldstart evaluate --extra learn-hybrid-minilm-nodrop",
             model=replace(_LEARN.model, id_residual=True),
+        ),
+        replace(
+            _LEARN, name="learn-hybrid-minilm-shared", command="coldstart evaluate --extra learn-hybrid-minilm-shared",
+            model=replace(_LEARN.model, id_residual=True, id_dropout=0.3, shared_input=True),
         ),
         replace(
             _LEARN, name="learn-hybrid-minilm-white", command="coldstart evaluate --extra learn-hybrid-minilm-white",
@@ -82,6 +87,9 @@ CONFIGS: dict[str, TrainConfig] = {
         # a sampled softmax with logQ over a shared pool of 512 (the large-catalogue form).
         replace(_LEARN, name="learn-minilm-inbatch", loss="in_batch", mask_history=False,
                 command="coldstart evaluate --extra learn-minilm-inbatch"),
+        # The first ID variant (2026-11-30): in-batch negatives, an ID residual, no ID dropout.
+        replace(_LEARN, name="learn-id-minilm", loss="in_batch", mask_history=False,
+                model=replace(_LEARN.model, id_residual=True), command="coldstart evaluate --extra learn-id-minilm"),
         replace(_LEARN, name="learn-minilm-sampled", loss="sampled", negatives=512,
                 command="coldstart evaluate --extra learn-minilm-sampled"),
         # Second encoder row: a small causal LLM, mean-pooled over the attention mask.
