@@ -17,7 +17,11 @@ Interface (stable; the stream workers depend on it):
   ("right"), mask_dtype, encoder (the CEG name the towers were trained on:
   feed them embeddings from that encoder only), config, protocol,
   checkpoint_sha256 (of the checkpoint exported; null for a model never
-  saved), version.
+  saved), version; and, where the exporter knows them, split (the
+  protocol's cold_fraction and seed: with the data set they name the items
+  the towers never trained on, encoders.training.datasets.make_split) and
+  test_metrics (the towers' offline test HR@k/NDCG@k per slice, "n" users
+  each, as `coldstart evaluate` scores them: torch, fp32 content embeddings).
 
 Score = dot product of the two embeddings (a cosine). N is fixed at export;
 B is dynamic.
@@ -65,8 +69,9 @@ class ItemTowerGraph(nn.Module):
 
 
 def export_towers(model: LEARN, out_dir: Path, encoder: str, config_name: str, protocol: str,
-                  checkpoint_sha256: str | None = None) -> Path:
-    """Write user_tower.onnx, item_tower.onnx and towers.json into out_dir."""
+                  checkpoint_sha256: str | None = None, split: dict | None = None,
+                  test_metrics: dict | None = None) -> Path:
+    """Write user_tower.onnx, item_tower.onnx and towers.json (with split and test_metrics if given) into out_dir."""
     assert not model.config.id_residual, "ID-residual variants need item ids: only content towers are served"
     model = model.cpu().eval()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,6 +97,8 @@ def export_towers(model: LEARN, out_dir: Path, encoder: str, config_name: str, p
         "content_dim": c, "out_dim": model.config.out_dim, "max_history": n,
         "padding": "right", "mask_dtype": "int64", "encoder": encoder,
         "config": config_name, "protocol": protocol, "checkpoint_sha256": checkpoint_sha256, "version": f"{config_name}@{digest.hexdigest()[:12]}",
+        **({"split": split} if split is not None else {}),
+        **({"test_metrics": test_metrics} if test_metrics is not None else {}),
     }
     (out_dir / TOWERS_METADATA).write_text(json.dumps(metadata, indent=2))
     return out_dir
