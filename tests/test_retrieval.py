@@ -110,7 +110,7 @@ def exact_top(ids, vectors, labels, query, k, excluded, categories) -> list[str]
 def test_index_top_k_equals_exact_brute_force_top_k_on_a_small_catalogue(categories, monkeypatch):
     ids, vectors, labels, queries = catalogue()
     monkeypatch.setattr("coldstart.retrieval.EXACT_FILTER_LIMIT", 100)  # "even" (1,500 items) is not scanned alone
-    index = VersionIndex("v", vectors.shape[1], "f16", 128)
+    index = VersionIndex("v", vectors.shape[1], "f16", 128, 16)
     index.put(ids, vectors, labels, [0.0] * len(ids))
     excluded = {f"i{n}" for n in range(0, len(ids), 7)}
     for query in queries:
@@ -122,7 +122,7 @@ def test_the_graph_finds_the_exact_top_k_almost_always(monkeypatch):
     """Above EXACT_LIMIT the graph answers: approximate, recall@100 well above the 0.95 target."""
     ids, vectors, labels, queries = catalogue()
     monkeypatch.setattr("coldstart.retrieval.EXACT_LIMIT", 0)
-    index = VersionIndex("v", vectors.shape[1], "f16", 128)
+    index = VersionIndex("v", vectors.shape[1], "f16", 128, 16)
     index.put(ids, vectors, labels, [0.0] * len(ids))
     for categories in (None, ("even",)):
         recall = np.mean([len(set(r.item_id for r in index.search(q, 100, set(), categories))
@@ -132,7 +132,7 @@ def test_the_graph_finds_the_exact_top_k_almost_always(monkeypatch):
 
 def test_replaced_and_removed_items_leave_the_index():
     ids, vectors, labels, queries = catalogue(200)
-    index = VersionIndex("v", vectors.shape[1], "f16", 128)
+    index = VersionIndex("v", vectors.shape[1], "f16", 128, 16)
     index.put(ids, vectors, labels, [0.0] * len(ids))
     index.put(["i0"], -queries[:1], ["odd"], [1.0])  # i0 now points away from query 0
     index.remove(["i1"])
