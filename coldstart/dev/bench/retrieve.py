@@ -27,10 +27,10 @@ import numpy as np
 from tqdm import tqdm
 
 from coldstart.config import RANKING_SERVICE, Settings
-from coldstart.dev.bench.common import bench_stack, emit, machine, timed_side_by_side
+from coldstart.dev.bench.common import emit, machine, timed_side_by_side
 from coldstart.dev.bench.lookup import raw_redis_reader
 from coldstart.dev.load import new_producer, send_action, upload_at_rate
-from coldstart.dev.stack import FeatureServerProcess
+from coldstart.dev.stack import FeatureServerProcess, fresh_stack
 from coldstart.dev.watchers import ReadabilityWatcher
 from coldstart.retrieval import VersionIndex
 
@@ -100,7 +100,8 @@ def run_index_bench(settings: Settings, base: np.ndarray, count: int, noise: flo
 
     process = psutil.Process()
     rss_before = process.memory_info().rss
-    index = VersionIndex("bench", base.shape[1], settings.index_dtype, settings.index_expansion_search)
+    index = VersionIndex("bench", base.shape[1], settings.index_dtype, settings.index_expansion_search,
+                         settings.index_connectivity)
     started = time.perf_counter()
     with tqdm(total=count, desc="building the index", unit="item") as progress:
         for start in range(0, count, chunk):
@@ -136,7 +137,7 @@ def run_index_bench(settings: Settings, base: np.ndarray, count: int, noise: flo
 
 
 def run_service_bench(settings: Settings, films: list[dict], rate: float, uploads: int, repeats: int) -> dict:
-    with bench_stack(settings, "bench_retrieve") as stack, FeatureServerProcess(stack.settings) as server:
+    with fresh_stack(settings, "bench_retrieve") as stack, FeatureServerProcess(stack.settings) as server:
         server.wait_ready()
         tag = time.time_ns()
         catalogue = [{**film, "item_id": f"film-{tag}-{film['item_id']}"} for film in films]
