@@ -66,7 +66,9 @@ class Settings:
     unknown_item_wait_seconds: float  # an action on a not-yet-uploaded item waits this long for it
     index_dtype: str  # how the retrieval index stores vectors: f16 (half the memory of f32, same recall) or f32
     index_expansion_search: int  # the graph search's beam (at least k): higher finds more of the true top k, slower
-    index_connectivity: int  # the graph's links per node (twice that on its base level): fewer is less memory, lower recall
+    # The graph's links per node (twice that on its base level). usearch allocates nodes in 64-byte blocks: up to
+    # 14 links a base-level node fits 128 bytes, from 15 it takes 192 (BENCHMARKS.md, retrieve).
+    index_connectivity: int
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -167,7 +169,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "user_history_length": ("COLDSTART_USER_HISTORY_LENGTH", "50"),
     "unknown_item_wait_seconds": ("COLDSTART_UNKNOWN_ITEM_WAIT_SECONDS", "300"),
     "index_dtype": ("COLDSTART_INDEX_DTYPE", "f16"),
-    "index_expansion_search": ("COLDSTART_INDEX_EXPANSION_SEARCH", "128"),
-    "index_connectivity": ("COLDSTART_INDEX_CONNECTIVITY", "16"),
+    "index_expansion_search": ("COLDSTART_INDEX_EXPANSION_SEARCH", "384"),
+    "index_connectivity": ("COLDSTART_INDEX_CONNECTIVITY", "14"),
 }
 _CASTS = {"int": int, "float": float, "Path": Path}
