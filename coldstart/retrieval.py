@@ -49,8 +49,7 @@ EXACT_LIMIT = 10_000
 # A filter keeping at most this many items is answered from their vectors alone; a broader one by
 # searching for more neighbours than asked and keeping the matching ones.
 EXACT_FILTER_LIMIT = 4_096
-# HNSW parameters (BENCHMARKS.md, retrieve): 16 links per node, build beam 64; the search beam is a setting.
-CONNECTIVITY = 16
+# HNSW build beam (BENCHMARKS.md, retrieve); the links per node and the search beam are settings.
 EXPANSION_ADD = 64
 TOPIC = "item-embeddings"
 # How far before the start the topic is read again: covers producers' clock skew. Re-reading is harmless.
@@ -87,13 +86,13 @@ def towers_version(item_version: str) -> str:
 class VersionIndex:
     """The item vectors of one model version: a usearch graph keyed by slot, and the slot ↔ item maps."""
 
-    def __init__(self, version: str, ndim: int, dtype: str, expansion_search: int):
+    def __init__(self, version: str, ndim: int, dtype: str, expansion_search: int, connectivity: int):
         from usearch.index import Index
 
         self.version = version
         self.ndim = ndim
         self.stored_as = np.float16 if dtype == "f16" else np.float32
-        self.graph = Index(ndim=ndim, metric="cos", dtype=dtype, connectivity=CONNECTIVITY,
+        self.graph = Index(ndim=ndim, metric="cos", dtype=dtype, connectivity=connectivity,
                            expansion_add=EXPANSION_ADD, expansion_search=expansion_search)
         self.slot_of: dict[str, int] = {}
         self.items: list[str | None] = []  # slot → item id (None: a freed slot)
@@ -293,8 +292,9 @@ class Retriever:
                     vectors = np.stack([items[i][0] for i in ids])
                     index = self.indexes.get(version)
                     if index is None:
-                        index = self.indexes[version] = VersionIndex(version, vectors.shape[1], self.settings.index_dtype,
-                                                                         self.settings.index_expansion_search)
+                        index = self.indexes[version] = VersionIndex(
+                            version, vectors.shape[1], self.settings.index_dtype, self.settings.index_expansion_search,
+                            self.settings.index_connectivity)
                     index.put(ids, vectors, [items[i][1] for i in ids], [items[i][2] for i in ids])
 
     def _remove(self, item_id: str, event_time: float, pending: dict) -> None:
@@ -310,6 +310,11 @@ class Retriever:
 
     def sizes(self) -> dict[str, int]:
         return {version: len(index) for version, index in self.indexes.items()}
+
+    def indexed(self, item_ids) -> list[str]:
+        """The given items some version's index holds: those a retrieval whose top k they belong to returns."""
+        with self.lock:
+            return [i for i in item_ids if any(i in index.slot_of for index in self.indexes.values())]
 
     # ---- answering -----------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import time
 from datetime import datetime, timezone
 
 import numpy as np
+import pandas as pd
 
 from coldstart import store as feast_store
 from coldstart.config import USER_PUSH_SOURCE, USER_VIEW, Settings
@@ -125,7 +126,18 @@ def register(app) -> None:
                 del waiting_items[user_id]
 
     async def recompute(models: UserModels, user_ids: set[str]):
-        """New vectors for these users, pushed online; returns the offline frame (or None)."""
+        """New vectors for these users, pushed online; returns the offline frame (or None).
+
+        In micro-batches of COLDSTART_BATCH_SIZE users: a film that arrives can make hundreds of waiting users
+        due at once, and one tower call and push for all of them held the model thread (which the item agent
+        shares) for up to a second, so fresh items waited behind it. Between micro-batches, item batches go first.
+        """
+        ordered = sorted(user_ids)
+        frames = [frame for start in range(0, len(ordered), settings.batch_size)
+                  if (frame := await recompute_batch(models, ordered[start : start + settings.batch_size])) is not None]
+        return pd.concat(frames, ignore_index=True) if frames else None
+
+    async def recompute_batch(models: UserModels, user_ids: list[str]):
         histories = {u: list(user_histories[u].entries) for u in user_ids}
         users, lengths, vectors, unknown = await asyncio.get_running_loop().run_in_executor(
             app.model_executor, models.user_vectors, histories

@@ -50,8 +50,11 @@ def test_bench_startup_reports_start_up_time_memory_and_torch_per_worker():
 
 
 def test_bench_retrieve_reports_the_machine_readable_fields():
-    summary = run_bench("retrieve", "--items", "3000", "--queries", "20", "--recall-queries", "10", "--rate", "50",
-                        "--uploads", "10", "--repeats", "5")
-    for key in ("items", "recall_at_100", "p99_ms", "build_s", "bytes_per_item", "upload_to_retrievable_p99_ms"):
+    summary = run_bench("retrieve", "--items", "3000", "--queries", "20", "--recall-queries", "10", "--beams", "32,64",
+                        "--rate", "50", "--uploads", "10", "--repeats", "5")
+    for key in ("items", "recall_at_100", "p99_ms", "build_s", "bytes_per_item", "upload_to_retrievable_p99_ms",
+                "upload_to_published_p99_ms", "published_to_retrievable_p99_ms", "client_cpu_cores"):
         assert summary[key] is not None, key
     assert summary["items"] == 3000 and 0 <= summary["recall_at_100"] <= 1
+    beams = [row["expansion_search"] for row in summary["beams"]]
+    assert beams == sorted({32, 64, summary["expansion_search"]})  # the configured beam's row is the summary's

@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from coldstart import store as feast_store
-from coldstart.config import ITEM_VIEW
+from coldstart.config import ITEM_VIEW, Settings
 from coldstart.dev.load import item_event, send_item
 from coldstart.dev.stack import FeatureServerProcess
 from coldstart.ranking import UnknownUser, ranking_features
@@ -83,6 +83,12 @@ def kids_user(stack, producer, films):
 
 # ---- the index alone ----------------------------------------------------------------------
 
+def served_index(dim: int) -> VersionIndex:
+    """An empty index with the default settings' parameters: the graph that is served."""
+    defaults = Settings.from_env({})
+    return VersionIndex("v", dim, defaults.index_dtype, defaults.index_expansion_search, defaults.index_connectivity)
+
+
 def catalogue(count: int = 3000, dim: int = 64):
     """Unit vectors in clusters, as item vectors are; every other item "even", one in fifty also "rare"."""
     rng = np.random.default_rng(7)
@@ -110,7 +116,7 @@ def exact_top(ids, vectors, labels, query, k, excluded, categories) -> list[str]
 def test_index_top_k_equals_exact_brute_force_top_k_on_a_small_catalogue(categories, monkeypatch):
     ids, vectors, labels, queries = catalogue()
     monkeypatch.setattr("coldstart.retrieval.EXACT_FILTER_LIMIT", 100)  # "even" (1,500 items) is not scanned alone
-    index = VersionIndex("v", vectors.shape[1], "f16", 128)
+    index = served_index(vectors.shape[1])
     index.put(ids, vectors, labels, [0.0] * len(ids))
     excluded = {f"i{n}" for n in range(0, len(ids), 7)}
     for query in queries:
@@ -122,7 +128,7 @@ def test_the_graph_finds_the_exact_top_k_almost_always(monkeypatch):
     """Above EXACT_LIMIT the graph answers: approximate, recall@100 well above the 0.95 target."""
     ids, vectors, labels, queries = catalogue()
     monkeypatch.setattr("coldstart.retrieval.EXACT_LIMIT", 0)
-    index = VersionIndex("v", vectors.shape[1], "f16", 128)
+    index = served_index(vectors.shape[1])
     index.put(ids, vectors, labels, [0.0] * len(ids))
     for categories in (None, ("even",)):
         recall = np.mean([len(set(r.item_id for r in index.search(q, 100, set(), categories))
@@ -132,7 +138,7 @@ def test_the_graph_finds_the_exact_top_k_almost_always(monkeypatch):
 
 def test_replaced_and_removed_items_leave_the_index():
     ids, vectors, labels, queries = catalogue(200)
-    index = VersionIndex("v", vectors.shape[1], "f16", 128)
+    index = served_index(vectors.shape[1])
     index.put(ids, vectors, labels, [0.0] * len(ids))
     index.put(["i0"], -queries[:1], ["odd"], [1.0])  # i0 now points away from query 0
     index.remove(["i1"])

@@ -4,8 +4,8 @@
 Registered on the `coldstart` group in coldstart/cli. Everything they fetch,
 cache or train goes under COLDSTART_DATA_DIR (default: data/, git-ignored);
 the encoder is exported to COLDSTART_ONNX_DIR/<COLDSTART_ENCODER>, the towers
-to COLDSTART_ONNX_DIR/towers (default: onnx/). `train` and `evaluate` read a
-data folder (`--data`, README "Training on your own data"), MovieLens-100K
+to COLDSTART_TOWERS_DIR (default: COLDSTART_ONNX_DIR/towers; onnx/ by default). `train` and
+`evaluate` read a data folder (`--data`, README "Training on your own data"), MovieLens-100K
 without one; `data export` (no torch) writes the service's own history as one.
 """
 
@@ -251,15 +251,17 @@ def evaluate(settings: Settings, config_name: str, extras: tuple[str, ...], sasr
 @click.option("--protocol", type=click.Choice(["loo", "cold"]), default="loo", show_default=True,
               help="Which trained checkpoint to export ('loo' has trained on every item).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Export folder (default: COLDSTART_ONNX_DIR/towers).")
+              help="Export folder (default: COLDSTART_TOWERS_DIR, else COLDSTART_ONNX_DIR/towers).")
 @click.pass_obj
 def export_towers(settings: Settings, config_name: str, protocol: str, out_dir: Path | None) -> None:
     """Write the user and item towers to ONNX (+ towers.json) and check parity with torch.
 
-    Trains the config first if it has no checkpoint; does nothing if out_dir already holds this checkpoint's towers."""
+    Trains the config first if it has no checkpoint; does nothing if out_dir already holds this checkpoint's towers.
+    towers.json records the split (which items a 'cold' export never trained on) and the towers' offline test
+    metrics, scored as `coldstart evaluate` scores them."""
     from encoders.export_format import TOWERS_METADATA
     from encoders.training.datasets import content_embeddings, file_sha256, make_split
-    from encoders.training.evaluate import current_history, load_dataset, trained_learn
+    from encoders.training.evaluate import current_history, learn_test_metrics, load_dataset, trained_learn
     from encoders.training.export_towers import check_parity, is_current
     from encoders.training.export_towers import export_towers as write_towers
     from encoders.training.registry import encoder_config
@@ -278,10 +280,14 @@ def export_towers(settings: Settings, config_name: str, protocol: str, out_dir: 
     content = content_embeddings(loaded.item_texts, encoder_config(config.encoder), paths.content_cache)
     split = make_split(loaded, protocol, config.cold_fraction, config.seed)
     run = trained_learn(config, loaded, split, content, paths)
+    metrics = learn_test_metrics(run.model, split)
     write_towers(run.model, out_dir, encoder_config(config.encoder).name, config.name, protocol, loaded.item_ids,
-                 file_sha256(checkpoint))
+                 file_sha256(checkpoint),
+                 split={"cold_fraction": config.cold_fraction, "seed": config.seed} if protocol == "cold" else None,
+                 test_metrics=metrics)
     worst = check_parity(run.model, out_dir, content, loaded.item_ids)
-    click.echo(f"towers of {config.name} [{protocol}] exported to {out_dir}; parity with torch: min cosine {worst:.6f}")
+    click.echo(f"towers of {config.name} [{protocol}] exported to {out_dir}; parity with torch: min cosine {worst:.6f}; "
+               "offline test HR@50 " + ", ".join(f"{name} {m['hr@50']:.4f} (n={m['n']})" for name, m in metrics.items()))
     if worst < 0.999:
         (out_dir / TOWERS_METADATA).unlink()  # not current: the next run exports again
         raise click.ClickException(f"ONNX towers disagree with torch (min cosine {worst:.6f} < 0.999)")

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-
 
 from coldstart import store as feast_store
 from coldstart.config import Settings
@@ -200,3 +202,21 @@ class LocalStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextmanager
+def fresh_stack(settings: Settings, project: str) -> Iterator[LocalStack]:
+    """A serving local stack on empty stores, for a demo or a benchmark: a temporary data folder (removed
+    after), and a redis-server of its own (nothing on disk), or, without `redis-server` on PATH, a Feast
+    project of its own (`<project>_<random>`) on the Redis at REDIS_URL."""
+    with tempfile.TemporaryDirectory(prefix="coldstart-") as data_dir:
+        own = replace(settings, data_dir=Path(data_dir), feast_project=project)
+        if shutil.which("redis-server") is None:
+            own = replace(own, feast_project=f"{project}_{uuid.uuid4().hex[:8]}")
+            with LocalStack(own) as stack:
+                stack.wait_until_serving()
+                yield stack
+            return
+        with LocalRedis() as redis_server, LocalStack(replace(own, redis_url=redis_server.url)) as stack:
+            stack.wait_until_serving()
+            yield stack

@@ -137,6 +137,16 @@ def slices_of(split: Split, targets: np.ndarray) -> dict[str, np.ndarray]:
     return {"cold_overall": np.ones(len(targets), dtype=bool), "cold_cold": cold, "cold_warm": ~cold}
 
 
+def learn_test_metrics(model: torch.nn.Module, split: Split) -> dict[str, dict[str, float]]:
+    """A LEARN model's test metrics per slice of the split, scored as `evaluate` scores its "learn" row
+    (each with "n", the test users in the slice): what export-towers records in towers.json."""
+    users = np.flatnonzero(split.test >= 0)
+    targets = split.test[users]
+    histories = [split.test_history(u) for u in users]
+    ranks = target_ranks(score_all(model, histories), targets, histories)
+    return {name: {"n": int(mask.sum()), **rank_metrics(ranks[mask])} for name, mask in slices_of(split, targets).items()}
+
+
 def evaluate(
     paths: Paths, config_name: str = DEFAULT, extra_configs: tuple[str, ...] = (),
     sasrec: str = "train", protocols: tuple[str, ...] = PROTOCOLS, retrain: bool = False,

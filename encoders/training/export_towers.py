@@ -24,7 +24,11 @@ Interface (stable; the stream workers depend on it):
   ("right"), mask_dtype, id_parts (bool), encoder (the CEG name the towers
   were trained on: feed them embeddings from that encoder only), config,
   protocol, checkpoint_sha256 (of the checkpoint exported; null for a model
-  never saved), version.
+  never saved), version; and, where the exporter knows them, split (the
+  protocol's cold_fraction and seed: with the data set they name the items
+  the towers never trained on, encoders.training.datasets.make_split) and
+  test_metrics (the towers' offline test HR@k/NDCG@k per slice, "n" users
+  each, as `coldstart evaluate` scores them: torch, fp32 content embeddings).
 
 Score = dot product of the two embeddings (a cosine). N is fixed at export;
 B is dynamic.
@@ -73,8 +77,10 @@ class ItemTowerGraph(nn.Module):
 
 
 def export_towers(model: LEARN, out_dir: Path, encoder: str, config_name: str, protocol: str,
-                  item_ids: list[str], checkpoint_sha256: str | None = None) -> Path:
-    """Write user_tower.onnx, item_tower.onnx, towers.json (and id_parts.npz) into out_dir.
+                  item_ids: list[str], checkpoint_sha256: str | None = None, split: dict | None = None,
+                  test_metrics: dict | None = None) -> Path:
+    """Write user_tower.onnx, item_tower.onnx, towers.json (with split and test_metrics if given; and
+    id_parts.npz for hybrid towers) into out_dir.
 
     item_ids: the data set's id of every model item index (what the service's events carry)."""
     model = model.cpu().eval()
@@ -111,6 +117,8 @@ def export_towers(model: LEARN, out_dir: Path, encoder: str, config_name: str, p
         "content_dim": c, "out_dim": model.config.out_dim, "max_history": n,
         "padding": "right", "mask_dtype": "int64", "id_parts": hybrid, "encoder": encoder,
         "config": config_name, "protocol": protocol, "checkpoint_sha256": checkpoint_sha256, "version": f"{config_name}@{digest.hexdigest()[:12]}",
+        **({"split": split} if split is not None else {}),
+        **({"test_metrics": test_metrics} if test_metrics is not None else {}),
     }
     (out_dir / TOWERS_METADATA).write_text(json.dumps(metadata, indent=2))
     return out_dir

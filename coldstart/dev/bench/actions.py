@@ -8,9 +8,10 @@ import click
 import numpy as np
 
 from coldstart.config import Settings
-from coldstart.dev.bench.common import bench_stack, emit, machine
+from coldstart.dev.bench.common import emit, machine
 from coldstart.dev.catalogue import load_catalogue
 from coldstart.dev.load import new_producer, send_action, upload_at_rate
+from coldstart.dev.stack import fresh_stack
 from coldstart.dev.watchers import ReadabilityWatcher, UserVectorWatcher
 from encoders.towers import load_towers
 
@@ -29,7 +30,7 @@ def actions(settings: Settings, rate: float, seconds: float, users: int, as_json
 
 def run_actions_bench(settings: Settings, rate: float, seconds: float, users: int) -> dict:
     catalogue = load_catalogue()
-    with bench_stack(settings, "bench_actions") as stack:
+    with fresh_stack(settings, "bench_actions") as stack:
         items = ReadabilityWatcher(stack.store)
         items.start()
         upload_at_rate(stack.settings, catalogue, float("inf"), items)  # every item known before the actions start

@@ -9,9 +9,10 @@ import click
 import numpy as np
 
 from coldstart.config import Settings
-from coldstart.dev.bench.common import bench_stack, emit, machine, phase_row, unique_items
+from coldstart.dev.bench.common import emit, machine, phase_row, unique_items
 from coldstart.dev.catalogue import load_catalogue
 from coldstart.dev.load import item_event, new_producer, send_item, upload_at_rate
+from coldstart.dev.stack import fresh_stack
 from coldstart.dev.watchers import ReadabilityWatcher
 
 
@@ -28,7 +29,7 @@ from coldstart.dev.watchers import ReadabilityWatcher
 def burst(settings: Settings, factor: float, burst_seconds: float, probe_rate: float, saturation_items: int, padding_kb: int,
           as_json: bool) -> None:
     """A burst of FACTOR x the sustainable rate: peak worker memory, drain and latency recovery, nothing lost."""
-    with bench_stack(settings, "bench") as stack:
+    with fresh_stack(settings, "bench") as stack:
         summary = run_burst(stack, factor, burst_seconds, probe_rate, saturation_items, padding_kb)
     emit([summary["phases"]], summary, as_json)
 

@@ -5,19 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import replace
-from pathlib import Path
 
 import click
 import numpy as np
 
 from coldstart.config import PROJECT_ROOT, Settings
-from coldstart.dev.services import LocalRedis
-from coldstart.dev.stack import LocalStack
 
 PLOTS_DIR = PROJECT_ROOT / "docs"
 
@@ -84,14 +77,3 @@ def timed_side_by_side(readers: dict, repeats: int, raw: str) -> list[dict]:
     return [{"path": name, "p50_ms": round(float(np.percentile(ms, 50)), 3),
              "p99_ms": round(float(np.percentile(ms, 99)), 3),
              "p99_ratio_to_raw": round(float(np.percentile(ms, 99)) / raw_p99, 2)} for name, ms in timings.items()]
-
-
-@contextmanager
-def bench_stack(settings: Settings, project: str) -> Iterator[LocalStack]:
-    """A fresh local stack for one benchmark, serving: its own data folder, its own Redis, one worker."""
-    with LocalRedis() as redis_server:
-        own = replace(settings, data_dir=Path(tempfile.mkdtemp(prefix="coldstart-bench-")), feast_project=project,
-                      redis_url=redis_server.url)
-        with LocalStack(own) as stack:
-            stack.wait_until_serving()
-            yield stack

@@ -9,7 +9,6 @@ import click
 from coldstart.config import Settings
 from coldstart.dev.bench.common import (
     PLOTS_DIR,
-    bench_stack,
     emit,
     items_per_s,
     machine,
@@ -18,6 +17,7 @@ from coldstart.dev.bench.common import (
 )
 from coldstart.dev.catalogue import catalogue_texts, load_catalogue
 from coldstart.dev.load import upload_at_rate
+from coldstart.dev.stack import fresh_stack
 from coldstart.dev.watchers import ReadabilityWatcher
 from encoders.content import OnnxContentEncoder
 
@@ -40,7 +40,7 @@ def pipeline(settings: Settings, rates: str, seconds: float, saturation_items: i
 
 def run_pipeline_bench(settings: Settings, rates: list[float], seconds: float, saturation_items: int) -> dict:
     catalogue = load_catalogue()
-    with bench_stack(settings, "bench") as stack:
+    with fresh_stack(settings, "bench") as stack:
         # The encoder's ceiling on the same texts, same precision and batching, while the worker idles.
         encoder = OnnxContentEncoder(stack.settings.encoder_export_dir, precision=stack.settings.encoder_precision)
         ceiling, _ = items_per_s(encoder.encode, [catalogue_texts(len(catalogue))])
