@@ -49,7 +49,7 @@ def test_the_plan_uploads_fresh_exactly_the_films_the_towers_never_trained_on():
     plan = make_plan(SETTINGS, towers)
     data = load_ml100k(fetch_ml100k(PROJECT_DATA_DIR / "datasets" / "ml-100k"))
     split = make_split(data, "cold", 0.2, 0)
-    assert set(plan.cold) == {f"film-{data.item_ids[i]}" for i in np.flatnonzero(split.cold)}
+    assert set(plan.cold) == {data.item_ids[i] for i in np.flatnonzero(split.cold)}
     assert not set(plan.cold) & set(plan.warm) and len(plan.cold) + len(plan.warm) == len(plan.films) == data.num_items
     assert len(plan.targets) == int(split.cold[split.test[split.test >= 0]].sum())  # offline's cold_cold users
     for user, target in plan.targets.items():

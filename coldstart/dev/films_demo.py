@@ -93,8 +93,8 @@ def make_plan(settings: Settings, towers: dict, users: int = 0) -> FilmsPlan:
     folder = fetch_ml100k(settings.data_dir / "datasets" / "ml-100k")
     data = load_ml100k(folder)
     split = make_split(data, "cold", towers["split"]["cold_fraction"], towers["split"]["seed"])
-    ids = [f"film-{item_id}" for item_id in data.item_ids]
-    films = {f"film-{film['item_id']}": {**film, "item_id": f"film-{film['item_id']}"} for film in ml100k_films(folder)}
+    ids = data.item_ids  # MovieLens's own ids: those the hybrid towers keep ID parts for
+    films = {film["item_id"]: film for film in ml100k_films(folder)}
     evaluated = np.flatnonzero(split.test >= 0)
     chosen = sorted(evaluated, key=lambda u: not split.cold[split.test[u]])  # stable: cold targets first
     chosen = chosen[:users] if users else chosen
