@@ -65,14 +65,13 @@ class Candidates:
     def __init__(self, config: TrainConfig, split: Split, device: torch.device):
         self.config = config
         counts = np.bincount(np.concatenate(split.train), minlength=len(split.cold)).astype(np.float64)
-        self.trained = torch.from_numpy(counts > 0).to(device)  # (I,) never-trained items are never candidates
+        self.trained = torch.from_numpy(np.flatnonzero(counts)).to(device)  # never-trained items are never candidates
         self.popularity = torch.from_numpy(counts / counts.sum()).float().to(device)  # (I,)
-        self.device = device
 
     def table(self, present: torch.Tensor) -> torch.Tensor:
         """(M,) candidate item indices for a batch whose inputs and targets are `present`."""
         if self.config.loss == "full":
-            return torch.nonzero(self.trained).squeeze(1)
+            return self.trained
         if self.config.loss == "sampled":
             pool = torch.multinomial(self.popularity, self.config.negatives, replacement=True)
             present = torch.cat([present, pool])
