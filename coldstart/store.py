@@ -15,6 +15,7 @@ source's folder, which `feast materialize` reads as one dataset.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import pkgutil
@@ -22,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -30,6 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from feast import Entity, FeatureService, FeatureStore, FeatureView, FileSource, OnDemandFeatureView, PushSource
 from feast.data_source import PushMode
+from feast.infra.online_stores.helpers import _mmh3, _redis_key
+from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -43,23 +47,74 @@ FEATURE_REPO = Path(feature_repo.__file__).resolve().parent
 ENTITY_KEY_SERIALIZATION = 3
 
 
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where the online store is, from REDIS_URL: one Redis, or a Redis Cluster's seed nodes.
+
+    redis://[user:password@]host:port/db (rediss:// with TLS), or for a cluster
+    redis+cluster://[user:password@]host:port,host:port,... (rediss+cluster:// with TLS):
+    any reachable node is enough, the client discovers the others. A cluster has only db 0.
+    """
+
+    nodes: tuple[tuple[str, int], ...]
+    cluster: bool = False
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    ssl: bool = False
+
+
+REDIS_SCHEMES = {"redis": (False, False), "rediss": (False, True), "redis+cluster": (True, False),
+                 "rediss+cluster": (True, True)}  # scheme → (cluster, ssl)
+
+
+def parse_redis_url(redis_url: str) -> RedisTarget:
+    scheme, sep, rest = redis_url.partition("://")
+    if not sep or scheme not in REDIS_SCHEMES:
+        raise ValueError(f"REDIS_URL must start with {', '.join(s + '://' for s in REDIS_SCHEMES)}; got {redis_url!r}")
+    cluster, ssl = REDIS_SCHEMES[scheme]
+    netloc, _, path = rest.partition("/")
+    credentials, _, hosts = netloc.rpartition("@")
+    username, _, password = credentials.partition(":")
+    nodes = []
+    for host in hosts.split(","):
+        url = urlparse(f"redis://{host}")  # one host:port at a time: urlparse reads only one
+        nodes.append((url.hostname or "127.0.0.1", url.port or 6379))
+    if len(nodes) > 1 and not cluster:
+        raise ValueError(f"REDIS_URL names several hosts: a Redis Cluster is {scheme}+cluster://host:port,host:port")
+    db = int(path or "0") if (path or "0").isdigit() else None
+    if db is None or (cluster and db != 0):
+        raise ValueError(f"REDIS_URL's database must be a number{' (0 on a cluster)' if cluster else ''}, got {path!r}")
+    for name, value in (("username", username), ("password", password)):
+        if "," in unquote(value):  # Feast splits its connection string on commas
+            raise ValueError(f"the Redis {name} must not contain ','")
+    return RedisTarget(tuple(nodes), cluster, db, unquote(username) or None, unquote(password) or None, ssl)
+
+
 def redis_connection_string(redis_url: str) -> str:
-    """redis://[user:password@]host:port/db → Feast's "host:port,db=N,username=…,password=…,ssl=true"."""
-    url = urlparse(redis_url)
-    if url.scheme not in ("redis", "rediss"):
-        raise ValueError(f"REDIS_URL must start with redis:// or rediss://, got {redis_url!r}")
-    parts = [f"{url.hostname or '127.0.0.1'}:{url.port or 6379}"]
-    db = (url.path or "/0").lstrip("/") or "0"
-    parts.append(f"db={db}")
-    for name, value in (("username", url.username), ("password", url.password)):
-        if value:
-            value = unquote(value)  # percent-encoded in the URL
-            if "," in value:  # Feast splits its connection string on commas
-                raise ValueError(f"the Redis {name} must not contain ','")
-            parts.append(f"{name}={value}")
-    if url.scheme == "rediss":
+    """REDIS_URL → Feast's "host:port[,host:port…],db=N,username=…,password=…,ssl=true"."""
+    target = parse_redis_url(redis_url)
+    parts = [f"{host}:{port}" for host, port in target.nodes]
+    if not target.cluster:
+        parts.append(f"db={target.db}")  # a cluster node refuses SELECT
+    parts += [f"{name}={value}" for name, value in (("username", target.username), ("password", target.password))
+              if value]
+    if target.ssl:
         parts.append("ssl=true")
     return ",".join(parts)
+
+
+def redis_client(redis_url: str, **options):
+    """A redis-py client for REDIS_URL: a Redis, or a RedisCluster that routes each key to its node."""
+    import redis
+    from redis.cluster import ClusterNode, RedisCluster
+
+    target = parse_redis_url(redis_url)
+    options.update(username=target.username, password=target.password, ssl=target.ssl)
+    if target.cluster:
+        return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in target.nodes], **options)
+    (host, port), = target.nodes
+    return redis.Redis(host=host, port=port, db=target.db, **options)
 
 
 def repo_config(settings: Settings) -> RepoConfig:
@@ -70,7 +125,8 @@ def repo_config(settings: Settings) -> RepoConfig:
         # The registry changes only on apply; re-reading it every few seconds would
         # stall the write path, so readers refresh it every 10 minutes.
         registry={"path": str(settings.data_dir / "registry.db"), "cache_ttl_seconds": 600},
-        online_store={"type": "redis", "connection_string": redis_connection_string(settings.redis_url)},
+        online_store={"type": NEWEST_WINS_STORE, "connection_string": redis_connection_string(settings.redis_url),
+                      "redis_type": "redis_cluster" if parse_redis_url(settings.redis_url).cluster else "redis"},
         offline_store={"type": "file"},
         entity_key_serialization_version=ENTITY_KEY_SERIALIZATION,
         # The batch sources' relative paths (feature_repo/data_sources.py) resolve against this:
@@ -203,7 +259,7 @@ def user_embedding_frame(user_ids, vectors, history_lengths, seen_item_ids, mode
 
 
 def push_online(store: FeatureStore, push_source: str, frame: pd.DataFrame) -> None:
-    """Write to Redis through Feast; an older event time never overwrites a newer one."""
+    """Write to Redis through Feast; an older event time never overwrites a newer one (NewestWinsRedisOnlineStore)."""
     store.push(push_source, frame, to=PushMode.ONLINE)
 
 
@@ -211,37 +267,138 @@ def delete_online(store: FeatureStore, view_name: str, join_key: str, ids: list[
     """Remove entities' features from the online store, newest event time winning as for pushes.
 
     The features' fields go (HDEL) and the event-time field stays, set to the removal's time, so an
-    older upload replayed later is refused by Feast's own check, and a newer one writes again.
-    Returns, per entity, whether the removal was newer than what was stored (and so applied).
-    One worker holds an entity's partition, so the read-then-write is not raced (as in Feast's write).
+    older upload replayed later is refused, and a newer one writes again: the same atomic
+    compare-and-set as a push (write_newest). Returns, per entity, whether the removal was newer
+    than what was stored (and so applied).
     """
-    from feast.infra.online_stores.helpers import _mmh3, _redis_key
-
     view = store.get_feature_view(view_name, allow_registry_cache=True)
     client = store._get_provider().online_store._get_client(store.config.online_store)
-    keys = [_redis_key(store.config.project, _entity_key(join_key, i), ENTITY_KEY_SERIALIZATION) for i in ids]
-    ts_field = f"_ts:{view_name}"
     feature_fields = [_mmh3(f"{view_name}:{feature.name}") for feature in view.features]
-    with client.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.hget(key, ts_field)
-        stored = pipe.execute()
-    applied = []
-    with client.pipeline(transaction=False) as pipe:
-        for key, previous, event_time in zip(keys, stored, event_times):
-            stamp = Timestamp()
-            stamp.FromDatetime(pd.Timestamp(event_time).to_pydatetime())
-            newer = previous is None or _nanos(stamp) > _nanos(Timestamp.FromString(previous))
-            if newer:
-                pipe.hdel(key, *feature_fields)
-                pipe.hset(key, ts_field, stamp.SerializeToString())
-            applied.append(newer)
-        pipe.execute()
-    return applied
+    writes = []
+    for entity_id, event_time in zip(ids, event_times):
+        key = _redis_key(store.config.project, _entity_key(join_key, entity_id), ENTITY_KEY_SERIALIZATION)
+        writes.append(NewestWrite(key, f"_ts:{view_name}", timestamp_proto(event_time), feature_fields, {}))
+    return write_newest(client, writes)
+
+
+def timestamp_proto(event_time) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(pd.Timestamp(event_time).to_pydatetime())
+    return stamp
 
 
 def _nanos(stamp: Timestamp) -> int:
     return stamp.seconds * 1_000_000_000 + stamp.nanos
+
+
+# ---- the online store: Feast's Redis store, writing newest-wins atomically ----------------
+
+# Writes an entity's hash only if the event time is newer than the one stored (Feast's rule), checked in
+# Redis with the write, so two writers can never interleave between the check and the write (Feast's
+# own write reads every event time in one round trip and writes in the next).
+# KEYS[1]: the entity's hash. ARGV: the view's event-time field; the new event time as seconds, nanos
+# and its serialized Timestamp (the value Feast stores); N; N fields to delete; field, value pairs to set.
+# Returns 1 if written, 0 if what is stored is as new or newer.
+NEWEST_WINS_LUA = """
+local function varint(s, i)
+  local value, scale = 0, 1
+  while true do
+    local byte = string.byte(s, i)
+    value = value + (byte % 128) * scale
+    if byte < 128 then return value, i + 1 end
+    i, scale = i + 1, scale * 128
+  end
+end
+local function event_time(s)  -- a protobuf Timestamp: field 1 seconds, field 2 nanos, both varints
+  local seconds, nanos, i, value = 0, 0, 1, 0
+  while i <= #s do
+    local tag = string.byte(s, i)
+    value, i = varint(s, i + 1)
+    if tag == 8 then seconds = value elseif tag == 16 then nanos = value end
+  end
+  if seconds >= 2^63 then seconds = seconds - 2^64 end  -- before 1970: two's complement
+  return seconds, nanos
+end
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if stored then
+  local seconds, nanos = tonumber(ARGV[2]), tonumber(ARGV[3])
+  local stored_seconds, stored_nanos = event_time(stored)
+  if seconds < stored_seconds or (seconds == stored_seconds and nanos <= stored_nanos) then return 0 end
+end
+local deletes = tonumber(ARGV[5])
+if deletes > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 6, 5 + deletes)) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4], unpack(ARGV, 6 + deletes))
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class NewestWrite:
+    """One entity's write: its hash key, the view's event-time field, the event time, fields to delete and to set."""
+
+    key: bytes
+    ts_field: str
+    event_time: Timestamp
+    delete: list
+    set: dict
+
+
+def write_newest(client, writes: list[NewestWrite]) -> list[bool]:
+    """Apply each write whose event time is newer than the stored one, atomically per entity (one script
+    call each, pipelined; on a cluster the pipeline sends each key to its node). Per write: applied?
+
+    EVAL, not EVALSHA: redis-py's cluster pipeline refuses EVALSHA (and its eval() method; execute_command
+    routes EVAL by its key), and a restarted node has lost its script cache; Redis caches the compiled
+    script by its hash either way. An error raises (the first
+    one): the caller retries the batch, which is idempotent (a write already applied is then as new as
+    what is stored, so skipped).
+    """
+    with client.pipeline(transaction=False) as pipe:
+        for write in writes:
+            pairs = [part for field_value in write.set.items() for part in field_value]
+            stamp = write.event_time
+            pipe.execute_command("EVAL", NEWEST_WINS_LUA, 1, write.key, write.ts_field, stamp.seconds, stamp.nanos,
+                                 stamp.SerializeToString(), len(write.delete), *write.delete, *pairs)
+        return [bool(reply) for reply in pipe.execute()]
+
+
+class NewestWinsRedisOnlineStoreConfig(RedisOnlineStoreConfig):
+    """Feast's Redis (or Redis Cluster) online store settings, for NewestWinsRedisOnlineStore."""
+
+    type: Literal["coldstart.store.NewestWinsRedisOnlineStore"] = "coldstart.store.NewestWinsRedisOnlineStore"
+
+
+NEWEST_WINS_STORE = "coldstart.store.NewestWinsRedisOnlineStore"
+
+
+class NewestWinsRedisOnlineStore(RedisOnlineStore):
+    """Feast's Redis online store with an atomic newest-wins write; the same keys and values, so Feast
+    reads it as its own (get_online_features, the feature server) and `feast materialize` writes through it.
+
+    Feast's write compares event times with a read, then writes: two writers of one entity (a
+    producer's events for one item on two partitions, two workers, a materialize beside the stream)
+    can both read the old time and let the older event's write land last. Here the compare and the
+    write are one Redis script per entity (write_newest).
+    """
+
+    def online_write_batch(self, config: RepoConfig, table: FeatureView, data, progress) -> None:
+        from feast import utils
+        from feast.infra.online_stores.redis import _versioned_fv_name
+
+        view_name = _versioned_fv_name(table, config)
+        writes = []
+        for entity_key, values, event_time, _ in data:
+            stamp = Timestamp()
+            stamp.FromDatetime(utils.make_tzaware(event_time))
+            fields = {_mmh3(f"{view_name}:{name}"): value.SerializeToString() for name, value in values.items()}
+            key = _redis_key(config.project, entity_key, config.entity_key_serialization_version)
+            writes.append(NewestWrite(key, f"_ts:{view_name}", stamp, [], fields))
+        write_newest(self._get_client(config.online_store), writes)
+        if progress:
+            progress(len(data))
+
+    async def online_write_batch_async(self, config: RepoConfig, table: FeatureView, data, progress) -> None:
+        await asyncio.to_thread(self.online_write_batch, config, table, data, progress)
 
 
 # ---- reads -------------------------------------------------------------------
@@ -315,14 +472,12 @@ def online_read_views(store: FeatureStore, requests: list[tuple[StoredView, list
 
 @functools.lru_cache(maxsize=64)
 def _hash_fields(view_name: str, features: tuple[str, ...]) -> list:
-    from feast.infra.online_stores.helpers import _mmh3
 
     return [_mmh3(f"{view_name}:{feature}") for feature in features]
 
 
 @functools.lru_cache(maxsize=200_000)
 def _redis_key_of(project: str, join_key: str, value: str) -> bytes:
-    from feast.infra.online_stores.helpers import _redis_key
 
     return _redis_key(project, _entity_key(join_key, value), ENTITY_KEY_SERIALIZATION)
 
@@ -376,20 +531,17 @@ class StoredItems:
 
 
 def scan_items(store: FeatureStore, page: int = 2000):
-    """Every item in the online store, page by page (Redis SCAN over the project's keys): what a retrieval
-    replica rebuilds its index from. Items written while the scan runs may be missed; the caller reads
-    them from the item-embeddings topic."""
+    """Every item in the online store, page by page (Redis SCAN over the project's keys; on a cluster, over
+    every master in turn): what a retrieval replica rebuilds its index from. Items written while the scan
+    runs may be missed; the caller reads them from the item-embeddings topic."""
     from feast.infra.key_encoding_utils import deserialize_entity_key
-    from feast.infra.online_stores.helpers import _mmh3, _redis_key
 
     client = store._get_provider().online_store._get_client(store.config.online_store)
     suffix = store.config.project.encode()
     fields = [_mmh3(f"{ITEM_VIEW}:{f}") for f in ("item_embedding", "model_version", "category")]
     fields.append(f"_ts:{ITEM_VIEW}")
     pattern = b"*" + suffix  # Feast project names are letters, digits and underscores: no glob characters
-    cursor = 0
-    while True:
-        cursor, keys = client.scan(cursor, match=pattern, count=page)
+    for keys in _pages(client.scan_iter(match=pattern, count=page), page):
         item_keys, item_ids = [], []
         for key in keys:
             try:
@@ -415,13 +567,22 @@ def scan_items(store: FeatureStore, page: int = 2000):
                 found.categories.append((_decode(Value.FromString(category)) if category else None) or "")
                 found.event_times.append(_nanos(Timestamp.FromString(stamp)) / 1e9)
             yield found
-        if cursor == 0:
-            return
+
+
+def _pages(iterable, size: int):
+    """Lists of up to `size` consecutive elements."""
+    chunk = []
+    for element in iterable:
+        chunk.append(element)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def redis_layout(project: str, join_key: str, entity_ids: list[str], view: str, features: list[str]):
     """The Redis hash keys and fields Feast reads for these entities and features (for raw-read benchmarks)."""
-    from feast.infra.online_stores.helpers import _mmh3, _redis_key
 
     keys = [_redis_key(project, _entity_key(join_key, i), ENTITY_KEY_SERIALIZATION) for i in entity_ids]
     return keys, [_mmh3(f"{view}:{feature}") for feature in features] + [f"_ts:{view}"]

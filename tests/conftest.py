@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from coldstart import store as feast_store  # noqa: E402
 from coldstart.config import Settings  # noqa: E402
 from coldstart.dev.load import item_event, new_producer, send_item  # noqa: E402
-from coldstart.dev.services import LocalRedis, free_port, wait_for_port  # noqa: E402
+from coldstart.dev.services import LocalRedis, LocalRedisCluster, free_port, wait_for_port  # noqa: E402
 from coldstart.dev.stack import LocalStack, WorkerProcess  # noqa: E402
 from encoders.export_format import TOWERS_METADATA  # noqa: E402
 
@@ -164,3 +164,43 @@ def read_topic(settings: Settings, topic: str, until, timeout: float = 30, raw: 
         raise AssertionError(f"condition not met on {topic} after {timeout}s ({len(records)} records)")
     finally:
         consumer.close()
+
+
+# ---- a Redis Cluster as the online store (issue 18; README, "Redis Cluster") ----------------------
+
+# A test that takes `online_store` runs on a single Redis and on a Redis Cluster (that run marked scaleout).
+ONLINE_STORES = ["redis", pytest.param("redis_cluster", marks=pytest.mark.scaleout)]
+
+
+@pytest.fixture(params=ONLINE_STORES)
+def online_store(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A local Redis Cluster: three masters, no replicas, append-only files on; stopped after the session."""
+    if not (shutil.which("redis-server") and shutil.which("redis-cli")):
+        pytest.skip("a Redis Cluster needs redis-server and redis-cli on PATH")
+    with LocalRedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def cluster_stack(tmp_path_factory, redis_cluster):
+    """Broker, worker and Feast, with the Redis Cluster as the online store."""
+    with serving_stack(tmp_path_factory, redis_cluster.url, "coldstart_cluster") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def cluster_producer(cluster_stack):
+    with stack_producer(cluster_stack) as p:
+        yield p
+
+
+def stack_on(online_store: str, request):
+    """(stack, producer) of the shared stack on this online store."""
+    if online_store == "redis":
+        return request.getfixturevalue("stack"), request.getfixturevalue("producer")
+    return request.getfixturevalue("cluster_stack"), request.getfixturevalue("cluster_producer")

@@ -4,11 +4,23 @@ import base64
 import json
 
 import numpy as np
+import pytest
 
 from encoders.content import OnnxContentEncoder
 from encoders.text import item_text
 from encoders.towers import load_towers
 from tests.conftest import read_topic, unique_id, upload, wait_readable
+
+
+@pytest.fixture
+def stack(stack, online_store, request):
+    """Every test here runs on a single Redis and on a Redis Cluster (conftest.ONLINE_STORES)."""
+    return stack if online_store == "redis" else request.getfixturevalue("cluster_stack")
+
+
+@pytest.fixture
+def producer(producer, online_store, request):
+    return producer if online_store == "redis" else request.getfixturevalue("cluster_producer")
 
 
 def encode_directly(stack, item: dict) -> tuple[np.ndarray, str]:

@@ -15,10 +15,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import redis
 from coldstart.config import Settings
+from coldstart.store import parse_redis_url, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class EmbeddedBroker:
 
 def redis_answers(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+        return bool(redis_client(url, socket_connect_timeout=1).ping())
     except redis.RedisError:
         return False
 
@@ -157,6 +157,91 @@ class LocalRedis:
         self.stop()
 
 
+class LocalRedisCluster:
+    """A Redis Cluster of `masters` redis-server child processes (no replicas) on free ports, in a folder of
+    its own, each with its append-only file on, so a node restarted (`restart`) comes back with its data
+    and its slots. `cluster-require-full-coverage no`: while a master is down, the others keep serving
+    their slots (README, "Redis Cluster")."""
+
+    def __init__(self, masters: int = 3, node_timeout_ms: int = 2000):
+        self.ports = [free_port() for _ in range(masters)]
+        self.bus_ports = {port: free_port() for port in self.ports}  # not port + 10000: that may be taken or > 65535
+        self.node_timeout_ms = node_timeout_ms
+        self.folder = Path(tempfile.mkdtemp(prefix="redis-cluster-"))
+        self.processes: dict[int, subprocess.Popen] = {}
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def start(self, timeout: float = 30) -> "LocalRedisCluster":
+        for port in self.ports:
+            self.start_node(port, timeout)
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise ServiceError("redis-cli is needed to create a Redis Cluster (it comes with redis-server)")
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=timeout)
+        self.wait_until_ok(timeout)
+        log.info("started a Redis Cluster on ports %s", self.ports)
+        return self
+
+    def start_node(self, port: int, timeout: float = 30) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ServiceError(_NO_REDIS_HELP)
+        folder = self.folder / str(port)
+        folder.mkdir(exist_ok=True)
+        self.processes[port] = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder), "--save", "",
+             "--appendonly", "yes", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--cluster-port", str(self.bus_ports[port]),
+             "--cluster-node-timeout", str(self.node_timeout_ms), "--cluster-require-full-coverage", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+        )
+        wait_for_port("127.0.0.1", port, timeout, self.processes[port])
+
+    def wait_until_ok(self, timeout: float = 30) -> None:
+        """Until every node says the cluster is ok (it has seen every slot's master)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if all(redis.Redis(port=port).cluster("info").get("cluster_state") == "ok"
+                       for port in self.ports):
+                    return
+            except redis.RedisError:
+                pass
+            time.sleep(0.1)
+        raise ServiceError(f"the Redis Cluster on ports {self.ports} is not ok after {timeout:.0f}s")
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node (a crash: what it acknowledged is in its append-only file, written before replying)."""
+        self.processes[port].kill()
+        self.processes[port].wait()
+
+    def restart(self, port: int) -> None:
+        self.start_node(port)
+        self.wait_until_ok()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=10)
+        self.processes.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> "LocalRedisCluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 _NO_REDIS_HELP = (
     "Redis is needed for the Feast online store, and none answers at REDIS_URL and no "
     "`redis-server` is on PATH. Either start one (Debian/Ubuntu: `sudo apt-get install "
@@ -173,8 +258,9 @@ def ensure_redis(settings: Settings) -> LocalRedis | None:
     """
     if redis_answers(settings.redis_url):
         return None
-    host = urlparse(settings.redis_url).hostname
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    target = parse_redis_url(settings.redis_url)
+    host = target.nodes[0][0]
+    if target.cluster or host not in ("127.0.0.1", "localhost", "::1"):
         raise ServiceError(f"Redis at {settings.redis_url} does not answer. " + _NO_REDIS_HELP)
     print(f"Redis at {settings.redis_url} does not answer; starting a local redis-server", file=sys.stderr)
     return LocalRedis().start()
