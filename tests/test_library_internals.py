@@ -139,3 +139,50 @@ def test_feast_writes_the_redis_layout_the_raw_reader_reads(stack, producer):
     stored = redis.Redis.from_url(stack.settings.redis_url).hmget(keys[0], fields)
     pinned(STORE, "Feast's Redis key and field layout", all(value is not None for value in stored))
     assert stored[0].endswith(b"A layout probe")  # the title, as a serialised Feast Value
+
+
+def test_feast_online_store_internals_the_newest_wins_store_overrides():
+    from feast.infra.online_stores import redis as feast_redis
+    from feast.repo_config import get_online_config_from_type
+
+    from coldstart.store import NEWEST_WINS_STORE, NewestWinsRedisOnlineStoreConfig
+
+    for name in ("online_write_batch", "online_write_batch_async"):
+        pinned(STORE, f"RedisOnlineStore.{name}(config, table, data, progress)",
+               parameters(getattr(feast_redis.RedisOnlineStore, name)) == ["self", "config", "table", "data", "progress"])
+    pinned(STORE, "feast.infra.online_stores.redis._versioned_fv_name(table, config)",
+           parameters(feast_redis._versioned_fv_name) == ["table", "config"])
+    pinned(STORE, "a custom online store's config class found as '<class path>Config'",
+           get_online_config_from_type(NEWEST_WINS_STORE) is NewestWinsRedisOnlineStoreConfig)
+    pinned(STORE, "RedisOnlineStoreConfig.redis_type 'redis_cluster'",
+           feast_redis.RedisType("redis_cluster") is feast_redis.RedisType.redis_cluster)
+
+
+def test_the_newest_wins_script_reads_the_event_time_feasts_own_write_stores(stack):
+    """Feast's stock write (and data written before this store existed) stores the event time the script compares."""
+    from datetime import datetime, timedelta, timezone
+
+    from feast.infra.online_stores.redis import RedisOnlineStore
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    from coldstart.store import NewestWinsRedisOnlineStore, NewestWrite, redis_layout, timestamp_proto, write_newest
+    from tests.conftest import unique_id
+
+    store = stack.store
+    pinned(STORE, "Feast building our online store from the repo config",
+           isinstance(store._get_provider().online_store, NewestWinsRedisOnlineStore))
+    item_id, when = unique_id("stock-write"), datetime.now(timezone.utc)
+    view = store.get_feature_view("item_embedding")
+    entity_key = EntityKey(join_keys=["item_id"], entity_values=[Value(string_val=item_id)])
+    RedisOnlineStore().online_write_batch(store.config, view, [(entity_key, {"title": Value(string_val="stock")},
+                                                                 when, None)], None)
+    (key,), fields = redis_layout(store.config.project, "item_id", [item_id], "item_embedding", ["title"])
+    client = store._get_provider().online_store._get_client(store.config.online_store)
+
+    def write(at) -> bool:
+        return write_newest(client, [NewestWrite(key, "_ts:item_embedding", timestamp_proto(at), [], {fields[0]: b""})])[0]
+
+    pinned(STORE, "Feast's '_ts:<view>' field: a serialized protobuf Timestamp",
+           not write(when - timedelta(microseconds=1)) and not write(when) and write(when + timedelta(microseconds=1)))
+
