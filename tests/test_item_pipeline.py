@@ -1,26 +1,15 @@
-"""An uploaded item through the real broker, worker, Redis and Feast."""
+"""An uploaded item through the real broker, worker, Redis and Feast (each test on a single Redis and on a Redis
+Cluster: conftest.ONLINE_STORES)."""
 
 import base64
 import json
 
 import numpy as np
-import pytest
 
 from encoders.content import OnnxContentEncoder
 from encoders.text import item_text
 from encoders.towers import load_towers
-from tests.conftest import read_topic, unique_id, upload, wait_readable
-
-
-@pytest.fixture
-def stack(stack, online_store, request):
-    """Every test here runs on a single Redis and on a Redis Cluster (conftest.ONLINE_STORES)."""
-    return stack if online_store == "redis" else request.getfixturevalue("cluster_stack")
-
-
-@pytest.fixture
-def producer(producer, online_store, request):
-    return producer if online_store == "redis" else request.getfixturevalue("cluster_producer")
+from tests.conftest import read_topic, stack_on, unique_id, upload, wait_readable
 
 
 def encode_directly(stack, item: dict) -> tuple[np.ndarray, str]:
@@ -33,7 +22,8 @@ def encode_directly(stack, item: dict) -> tuple[np.ndarray, str]:
     return towers.item_vectors(encoder.encode([text]), [item["item_id"]])[0], f"{encoder.version}+{towers.version}"
 
 
-def test_uploaded_item_is_readable_with_the_vector_of_a_direct_encode(stack, producer):
+def test_uploaded_item_is_readable_with_the_vector_of_a_direct_encode(online_store, request):
+    stack, producer = stack_on(online_store, request)
     item = {"item_id": unique_id("book"), "title": "The Food Lab", "description": "Better home cooking through science.",
             "category": "cookbooks", "brand": "J. Kenji López-Alt", "price": 49.95, "tags": ["science", "recipes"]}
     upload(producer, item)
@@ -48,7 +38,8 @@ def test_uploaded_item_is_readable_with_the_vector_of_a_direct_encode(stack, pro
     assert np.allclose(record["vector"], served["item_embedding"], atol=1e-6)
 
 
-def test_bad_events_go_to_dead_letters_and_the_worker_keeps_going(stack, producer):
+def test_bad_events_go_to_dead_letters_and_the_worker_keeps_going(online_store, request):
+    stack, producer = stack_on(online_store, request)
     bad_events = {
         b"{this is not json": "not valid JSON",
         json.dumps({"item_id": unique_id(), "uploaded_at": "2026-01-01T00:00:00Z"}).encode(): "missing required field 'title'",
@@ -74,7 +65,8 @@ def test_bad_events_go_to_dead_letters_and_the_worker_keeps_going(stack, produce
     assert stack.worker.alive()
 
 
-def test_huge_text_is_encoded_truncated(stack, producer):
+def test_huge_text_is_encoded_truncated(online_store, request):
+    stack, producer = stack_on(online_store, request)
     huge = {"item_id": unique_id(), "title": "An enormous description", "description": "lorem ipsum " * 60_000}  # ~700 KB
     upload(producer, huge)
     served = wait_readable(stack.store, [huge["item_id"]], timeout=30)[huge["item_id"]]
