@@ -69,9 +69,11 @@ class UserModels:
         self.offline = feast_store.offline_table(self.store, USER_VIEW)
         log.info("user agent ready: towers %s, history of %d", self.towers.version, settings.user_history_length)
 
-    def user_vectors(self, histories: dict[str, list[HistoryEntry]]):
-        """Vectors for users with at least one known item; and, per user, the item ids still unknown."""
-        content = self.content.get({e.item_id for entries in histories.values() for e in entries})
+    def user_vectors(self, histories: dict[str, list[HistoryEntry]], content: dict[str, np.ndarray]):
+        """Vectors for users with at least one known item; and, per user, the item ids still unknown.
+
+        content: the content embeddings of the histories' items the online store has (ContentEmbeddings.get).
+        """
         users, inputs, input_ids, unknown = [], [], [], {}
         for user_id, entries in histories.items():
             missing = {e.item_id for e in entries if e.item_id not in content}
@@ -139,8 +141,11 @@ def register(app) -> None:
 
     async def recompute_batch(models: UserModels, user_ids: list[str]):
         histories = {u: list(user_histories[u].entries) for u in user_ids}
+        # An online store (or a cluster master) down: wait and retry, as writes do, rather than crash the agent.
+        content = await retry_forever("content read", models.content.get,
+                                      {e.item_id for entries in histories.values() for e in entries})
         users, lengths, vectors, unknown = await asyncio.get_running_loop().run_in_executor(
-            app.model_executor, models.user_vectors, histories
+            app.model_executor, models.user_vectors, histories, content
         )
         update_waiting(unknown, set(user_ids))
         if not users:

@@ -19,6 +19,7 @@ from coldstart.store import parse_redis_url, redis_client, redis_connection_stri
 from tests.conftest import unique_id, upload, wait_readable
 from tests.test_retrieval import post, retrieved, wait_for
 from tests.test_retrieval import test_a_removal_survives_materialize as a_removal_survives_materialize
+from tests.test_reliability import log_size, wait_for_log
 from tests.test_users import act, user_vector
 
 pytestmark = pytest.mark.scaleout
@@ -95,9 +96,11 @@ def test_a_removal_survives_materialize_on_a_cluster(cluster_stack, cluster_prod
 
 def test_a_master_killed_and_restarted_keeps_its_data_and_the_service_resumes(cluster_stack, cluster_producer,
                                                                              redis_cluster, server, films):
-    """SIGKILL a master (no replicas): reads of its keys fail, the others' are served; writes to its slots are
-    retried until it is back. Restarted with its append-only file, it has every acknowledged write."""
+    """SIGKILL a master (no replicas): reads of its keys fail, the others' are served; the worker's writes and
+    reads of its slots are retried until it is back. Restarted with its append-only file, it has every
+    acknowledged write."""
     settings, store = cluster_stack.settings, cluster_stack.store
+    start = log_size(cluster_stack.worker)
     client = redis_client(settings.redis_url)
 
     def master_of(entity_id: str, join_key: str = "item_id") -> int:
@@ -120,7 +123,13 @@ def test_a_master_killed_and_restarted_keeps_its_data_and_the_service_resumes(cl
             while_down.append(unique_id("while-down"))
         for item_id in while_down:
             upload(cluster_producer, {"item_id": item_id, "title": "Written while a master was down"})
+        user_id = unique_id("user-while-down")
+        act(cluster_producer, user_id, [f for f in films if f["item_id"] in on_victim])  # the user agent reads them
+        wait_for_log(cluster_stack.worker, start, "online write failed")
     finally:
         redis_cluster.restart(victim)
     found = wait_readable(store, on_victim + elsewhere + while_down, timeout=60)  # retried until it was back
     assert set(found) == set(on_victim + elsewhere + while_down)
+    assert user_vector(cluster_stack, user_id, min_history=len(on_victim), timeout=60)
+    wait_for_log(cluster_stack.worker, start, "online write recovered")
+    assert cluster_stack.worker.alive()

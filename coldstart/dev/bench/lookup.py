@@ -11,7 +11,6 @@ from pathlib import Path
 
 import click
 import numpy as np
-import redis
 
 from coldstart import store as feast_store
 from coldstart.config import ITEM_PUSH_SOURCE, RANKING_SERVICE, USER_PUSH_SOURCE, Settings
@@ -27,7 +26,7 @@ OUR_HTTP_PATH = "coldstart-http (/ranking-features: the same read, orjson)"
 
 def raw_redis_reader(settings: Settings, user_id: str, item_ids: list[str]):
     """HMGET of exactly the keys and fields Feast reads for ranking_v1, pipelined, nothing decoded."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = feast_store.redis_client(settings.redis_url)  # one Redis or a cluster
     user_keys, user_fields = feast_store.redis_layout(settings.feast_project, "user_id", [user_id], "user_embedding",
                                                       ["user_embedding", "history_length"])
     item_keys, item_fields = feast_store.redis_layout(settings.feast_project, "item_id", item_ids, "item_embedding",
