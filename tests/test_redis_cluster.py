@@ -112,12 +112,18 @@ def test_a_master_killed_and_restarted_keeps_its_data_and_the_service_resumes(cl
     elsewhere = [f["item_id"] for f in films if master_of(f["item_id"]) != victim]
     redis_cluster.kill(victim)
     try:
-        with pytest.raises(RedisError):
+        with pytest.raises(RedisError) as failed:
             feast_store.read_item_features(store, on_victim)
+        print(f"a read of a dead master's keys raises {type(failed.value).__name__}: {failed.value}")
         assert set(feast_store.read_item_features(store, elsewhere)) == set(elsewhere)
         user_elsewhere = next(u for u in (unique_id("user") for _ in range(100)) if master_of(u, "user_id") != victim)
         status, _ = post(server, "/ranking-features", {"user_id": user_elsewhere, "item_ids": elsewhere})
         assert status == 200
+        request = urllib.request.Request(f"{server.url}/ranking-features", json.dumps(
+            {"user_id": user_elsewhere, "item_ids": on_victim}).encode(), {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 500
         while_down = []
         while len(while_down) < 2 or all(master_of(i) != victim for i in while_down):
             while_down.append(unique_id("while-down"))
