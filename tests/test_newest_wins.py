@@ -7,6 +7,7 @@ The online write is one Redis script per entity that compares event times and wr
 import json
 import random
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -16,6 +17,7 @@ import pytest
 from coldstart import store as feast_store
 from coldstart.config import ITEM_PUSH_SOURCE, ITEM_VIEW
 from coldstart.dev.load import item_event
+from coldstart.dev.stack import WorkerProcess
 from coldstart.store import NewestWrite, redis_client, write_newest
 from streams.keys import home_partition
 from tests.conftest import read_topic, stack_on, unique_id
@@ -106,8 +108,25 @@ def upload_frame(uploads):
 
 def test_uploads_of_one_item_spread_over_partitions_by_their_keys_leave_the_newest(online_store, request):
     """A producer's events for one item with no key, a wrong key, or sent to another partition, in shuffled
-    event-time order, through the broker and the worker: the newest title is what Feast serves."""
+    event-time order, through the broker and two workers sharing the partitions: the newest title is what
+    Feast serves."""
     stack, producer = stack_on(online_store, request)
+    with WorkerProcess(stack.settings) as second:
+        deadline = time.monotonic() + 120
+        while not holds_item_partitions(second):
+            assert second.alive() and time.monotonic() < deadline, second.log_tail()
+            time.sleep(0.5)
+        send_spread_and_check_the_newest_wins(stack, producer)
+        assert second.alive()
+
+
+def holds_item_partitions(worker: WorkerProcess) -> bool:
+    """The worker has joined the group with item-uploads partitions (faust logs its assignment, then ready)."""
+    log = worker.log_path.read_text(errors="replace")
+    return "| item-uploads " in log and "Worker ready" in log
+
+
+def send_spread_and_check_the_newest_wins(stack, producer):
     item_id = unique_id("spread")
     partitions = stack.settings.topic_partitions
     home = home_partition(item_id, partitions)
