@@ -6,7 +6,9 @@ tests/test_library_internals.py pins each one's name and signature, so an
 upgrade of Feast fails there, naming this module, instead of somewhere
 downstream.
 
-Online writes go through Feast (push → Redis). Offline writes do not use
+Online writes go through Feast (push → Redis), into NewestWinsRedisOnlineStore:
+Feast's Redis (or Redis Cluster) store whose write compares event times and
+writes in one Redis script per entity, so newest-wins holds across writers. Offline writes do not use
 Feast's file-store push, which re-reads and rewrites one whole parquet file on
 every call (O(size) per write, and a crash mid-write corrupts the file);
 instead each flush writes one new parquet part file atomically into the batch
@@ -71,7 +73,8 @@ REDIS_SCHEMES = {"redis": (False, False), "rediss": (False, True), "redis+cluste
 def parse_redis_url(redis_url: str) -> RedisTarget:
     scheme, sep, rest = redis_url.partition("://")
     if not sep or scheme not in REDIS_SCHEMES:
-        raise ValueError(f"REDIS_URL must start with {', '.join(s + '://' for s in REDIS_SCHEMES)}; got {redis_url!r}")
+        raise ValueError(f"REDIS_URL must start with {', '.join(s + '://' for s in REDIS_SCHEMES)}; "
+                         f"got {redis_url.split('://')[0]!r}")  # not the whole URL: it may hold a password
     cluster, ssl = REDIS_SCHEMES[scheme]
     netloc, _, path = rest.partition("/")
     credentials, _, hosts = netloc.rpartition("@")
