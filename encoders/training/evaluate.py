@@ -214,7 +214,11 @@ def _record_sasrec(report: dict, record, data: Interactions, split: Split, users
     t = time.time()
     try:
         scores, facts = sasrec_scores(data, split, paths.sasrec_cache, train=sasrec == "train")
-    except (RuntimeError, OSError) as failure:  # not cached, or the baselines venv could not be made or run
+    except FileNotFoundError as missing:  # --sasrec cached (the default) and this split never trained
+        log.warning("%s: no SASRec row for [%s]; `--sasrec train` trains it (about 30 minutes)", missing, key)
+        report["sasrec"][key] = {"error": str(missing)}
+        return
+    except (RuntimeError, OSError) as failure:  # the baselines venv could not be made or run
         log.error("SASRec baseline [%s] could not run: %s", key, failure)
         report["sasrec"][key] = {"error": str(failure)}
     else:
