@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
+from coldstart import metrics
 from coldstart import store as feast_store
 from coldstart.config import USER_PUSH_SOURCE, USER_VIEW, Settings
 from encoders.towers import load_towers
@@ -63,7 +64,7 @@ class ContentEmbeddings:
 
 class UserModels:
     def __init__(self, settings: Settings):
-        self.towers = load_towers(settings.towers_dir, settings.encoder_name, settings.onnx_threads)
+        self.towers = load_towers(settings.towers_dir, settings.encoder_name, settings.onnx_session_threads)
         self.store = feast_store.open_store(settings)
         self.content = ContentEmbeddings(self.store)
         self.offline = feast_store.offline_table(self.store, USER_VIEW)
@@ -82,7 +83,8 @@ class UserModels:
                 users.append(user_id)
                 inputs.append(np.stack([content[i] for i in known]))  # (n, D_content), oldest first
                 input_ids.append(known)
-        vectors = self.towers.user_vectors(inputs, input_ids) if inputs else np.zeros((0, 0), np.float32)
+        with metrics.TOWER_SECONDS.labels("user").time():
+            vectors = self.towers.user_vectors(inputs, input_ids) if inputs else np.zeros((0, 0), np.float32)
         return users, [len(i) for i in inputs], vectors, unknown
 
 
@@ -158,10 +160,13 @@ def register(app) -> None:
     async def update_users(stream):
         models = await asyncio.get_running_loop().run_in_executor(app.model_executor, UserModels, settings)
         loaded.append(models)
+        app.models_loaded("users", models, models.towers.version, models.towers.user_session.get_providers()[0])
         offline = OfflineBuffer(stream, models.offline, settings.offline_flush_seconds)
         app.offline_buffers.append(offline)
         async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_ms / 1000):
+            metrics.MICRO_BATCH_EVENTS.labels("users").observe(len(events))
             here: list[UserAction] = []
+            sent_at: list[float] = []  # the positive actions' record timestamps (action → user vector latency)
             for event in events:
                 try:
                     action = parse_user_action(event.value)
@@ -171,9 +176,11 @@ def register(app) -> None:
                 # off its user's partition: forwarded there (the history may live on another worker)
                 if not forwarder.misplaced(event, action.user_id, action):
                     here.append(action)
+                    sent_at.append(event.message.timestamp if action.action in POSITIVE_ACTIONS else None)
             here += await forwarder.forward_pending()  # the ones too large to forward stay here
             touched = {a.user_id for a in here if a.action in POSITIVE_ACTIONS and record_action(a)}
             frame = await recompute(models, touched) if touched else None
+            metrics.observe_since(metrics.ACTION_TO_USER_VECTOR, sent_at)
             offline.add(frame, list(events))
             await offline.flush()
 

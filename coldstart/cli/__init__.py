@@ -217,16 +217,22 @@ def _ask_server(url: str, request: dict) -> dict:
 
 @main.command()
 @click.option("--loglevel", default="info", show_default=True)
+@click.option("--role", type=click.Choice(["all", "items", "users"]), default="all", show_default=True,
+              help="Which agents to run: items (item-uploads → item vectors), users (user-actions → user vectors) "
+                   "or both. Workers of every role share one consumer group; scale each role with its own count.")
 @click.pass_obj
-def worker(settings: Settings, loglevel: str) -> None:
-    """Run the stream worker (faust): item-uploads and user-actions → embeddings → Feast."""
+def worker(settings: Settings, loglevel: str, role: str) -> None:
+    """Run the stream worker (faust): item-uploads and user-actions → embeddings → Feast.
+
+    With COLDSTART_METRICS_PORT set, GET /metrics (Prometheus), /health and /ready answer on that port.
+    """
     without_torch()
     from encoders.export_format import ExportMissing
     from streams.app import create_app
     from streams.patches import CodecsMissing
 
     try:
-        app = create_app(settings)
+        app = create_app(settings, role)
     except (ExportMissing, CodecsMissing) as missing:
         raise click.ClickException(str(missing)) from None
     sys.argv = ["coldstart worker", "worker", "--loglevel", loglevel, "--without-web"]

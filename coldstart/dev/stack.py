@@ -88,9 +88,15 @@ class ServiceProcess:
 
 
 class WorkerProcess(ServiceProcess):
-    """`coldstart worker`: the stream worker."""
+    """`coldstart worker --role ROLE`: the stream worker (with settings.metrics_port, its /metrics, /ready on it)."""
 
-    command = ["worker"]
+    def __init__(self, settings: Settings, role: str = "all"):
+        self.command = ["worker", "--role", role]
+        super().__init__(settings)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.metrics_port}"
 
 
 class FeatureServerProcess(ServiceProcess):
