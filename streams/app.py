@@ -90,6 +90,10 @@ def create_app(settings: Settings, role: str = "all") -> ColdstartApp:
         # micro-batch buffer never will be, so faust would wait out its timeout and be killed.
         # They are not committed, so the next worker gets them again (at-least-once).
         stream_wait_empty=False,
+        # A member without the tables (the items role) must not hand out standby replicas when it leads the
+        # group: faust leaves them out of the assignment it sends (it has no changelog topics) while the
+        # members holding tables count them in, and faust's assignor stops on the mismatch.
+        table_standby_replicas=1 if "users" in ROLES[role] else 0,
         **dev_options,
     )
 

@@ -160,7 +160,7 @@ def register(app) -> None:
     async def update_users(stream):
         models = await asyncio.get_running_loop().run_in_executor(app.model_executor, UserModels, settings)
         loaded.append(models)
-        app.models_loaded("users", models, models.towers.version, models.towers.user_session.get_providers()[0])
+        app.models_loaded("users", models, models.towers.version, models.towers.provider)
         offline = OfflineBuffer(stream, models.offline, settings.offline_flush_seconds)
         app.offline_buffers.append(offline)
         async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_ms / 1000):
