@@ -13,10 +13,17 @@ from __future__ import annotations
 import json
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+# Importing Feast (feast.metrics) points PROMETHEUS_MULTIPROC_DIR at a temporary folder, for its gunicorn workers;
+# prometheus_client imported after that keeps every value in files there. Ours are per process (each worker and
+# server is scraped on its own), so `coldstart worker` and `serve` import this module before Feast with the
+# variable unset (coldstart.cli.plain_metrics); Gauge.clear() then only warns, because Feast set it since.
+warnings.filterwarnings("ignore", message="Clearing labels has not been implemented", category=UserWarning)
 
 # Seconds from a record's send to its effect: a healthy pipeline is well under a second; a rebalance or an
 # outage shows in the top buckets.

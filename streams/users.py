@@ -104,16 +104,15 @@ def register(app) -> None:
     loaded: list[UserModels] = []  # the agent's models, once loaded (the timer waits for them)
     forwarder = Forwarder(app.user_actions_topic, "user_id", settings.topic_partitions)
 
-    def record_action(action: UserAction) -> bool:
-        """Add a positive action to the user's history; False if it is already there (a replay)."""
+    def record_action(action: UserAction) -> None:
+        """Add a positive action to the user's history, unless it is already there (a replay)."""
         entry = HistoryEntry(item_id=action.item_id, action=action.action, occurred_at=action.occurred_at)
         entries = list(user_histories[action.user_id].entries)
         if any((e.item_id, e.action, e.occurred_at) == (entry.item_id, entry.action, entry.occurred_at) for e in entries):
-            return False
+            return
         entries.append(entry)
         entries.sort(key=lambda e: e.occurred_at)  # a late, older action takes its place in time
         user_histories[action.user_id] = UserHistory(entries=entries[-settings.user_history_length :])
-        return True
 
     def update_waiting(unknown: dict[str, set[str]], recomputed: set[str]) -> None:
         """Keep each recomputed user's waiting items and their deadlines (first seen + the wait) in the table."""
@@ -178,7 +177,12 @@ def register(app) -> None:
                     here.append(action)
                     sent_at.append(event.message.timestamp if action.action in POSITIVE_ACTIONS else None)
             here += await forwarder.forward_pending()  # the ones too large to forward stay here
-            touched = {a.user_id for a in here if a.action in POSITIVE_ACTIONS and record_action(a)}
+            positive = [a for a in here if a.action in POSITIVE_ACTIONS]
+            for action in positive:
+                record_action(action)
+            # A replayed action recomputes its user too: the worker that recorded it (the changelog has it) may
+            # have stopped before pushing the vector, and the history alone would then never reach the store.
+            touched = {a.user_id for a in positive}
             frame = await recompute(models, touched) if touched else None
             metrics.observe_since(metrics.ACTION_TO_USER_VECTOR, sent_at)
             offline.add(frame, list(events))

@@ -63,6 +63,7 @@ def run_scale_bench(settings: Settings, saturation_items: int, rate: float, step
         try:
             warm_group(stack, catalogue, watcher)
             runs.append(saturated_run(stack, two, catalogue, saturation_items, watcher, "2w"))
+            actions = saturated_actions_run(stack, two, catalogue, 4 * saturation_items, watcher)
             rebalance = rebalance_run(stack, two, catalogue, watcher, rate, step_seconds)
         finally:
             for worker in two:
@@ -77,18 +78,22 @@ def run_scale_bench(settings: Settings, saturation_items: int, rate: float, step
         "scaling_2_over_1": round(both["items_per_s"] / one["items_per_s"], 2),
         "items_per_worker_core_s": both["items_per_worker_core_s"],
         "items_per_worker_core_s_1_worker": one["items_per_worker_core_s"],
-        "lost": one["lost"] + both["lost"] + rebalance["lost"],
+        "actions_per_s": actions["actions_per_s"], "actions_per_worker_core_s": actions["actions_per_worker_core_s"],
+        "lost": one["lost"] + both["lost"] + actions["lost"] + rebalance["lost"],
         "rebalance_p99_s": rebalance["rebalance_p99_s"], "rebalance": rebalance,
-        "runs": runs,
+        "runs": runs, "actions_run": actions,
     }
 
 
 def start_workers(settings: Settings, roles: list[str], ready_timeout: float = 180) -> list[WorkerProcess]:
-    """Worker processes of these roles, each with a metrics port of its own, once every one is ready."""
-    workers = [WorkerProcess(replace(settings, metrics_port=free_port()), role).start() for role in roles]
+    """Worker processes of these roles, each with a metrics port of its own, started one after the other once the
+    one before is ready: first joins at the same instant make the embedded tansu broker answer one of them
+    InconsistentGroupProtocol, which aiokafka takes as fatal (the worker then never gets partitions)."""
+    workers = []
     try:
-        for worker in workers:
-            worker.wait_ready(ready_timeout)
+        for role in roles:
+            workers.append(WorkerProcess(replace(settings, metrics_port=free_port()), role).start())
+            workers[-1].wait_ready(ready_timeout)
     except BaseException:
         for worker in workers:
             worker.kill()
@@ -125,6 +130,37 @@ def saturated_run(stack, workers: list[WorkerProcess], catalogue: list[dict], co
         "client_cpu_share": round((_cpu_s(client) - client_before) / wall / len(os.sched_getaffinity(0)), 3),
         "lost": count - row["arrived"],
     }
+
+
+def saturated_actions_run(stack, workers: list[WorkerProcess], catalogue: list[dict], count: int, watcher,
+                          users: int = 200) -> dict:
+    """Send `count` actions at once (by `users` users, on items already readable); applied actions/s (until every
+    user's served history covers them) and the workers' CPU per action."""
+    import psutil
+
+    warm = unique_items(catalogue, f"acted-sat-{time.time_ns()}", 30)
+    upload_at_rate(stack.settings, warm, float("inf"), watcher)
+    watcher.wait_all(60)
+    user_ids = [f"sat-user-{time.time_ns()}-{n}" for n in range(users)]
+    sent: dict[str, list[str]] = {u: [] for u in user_ids}
+    processes = [psutil.Process(w.process.pid) for w in workers]
+    cpu_before, start = [_cpu_s(p) for p in processes], time.monotonic()
+    producer = new_producer(stack.settings)
+    first = datetime.now(timezone.utc)
+    for n in range(count):
+        user = user_ids[n % users]
+        item_id = warm[len(sent[user]) % len(warm)]["item_id"]
+        send_action(producer, user, item_id, occurred_at=first + timedelta(milliseconds=n))
+        sent[user].append(item_id)
+    producer.flush()
+    producer.close()
+    served = served_history_lengths(stack, user_ids, sent, timeout=120 + count / 20)
+    wall = time.monotonic() - start
+    worker_cpu = sum(_cpu_s(p) - before for p, before in zip(processes, cpu_before))
+    kept = stack.settings.user_history_length
+    lost = sum(min(len(sent[u]), kept) - n for u, n in zip(user_ids, served))
+    return {"actions": count, "users": users, "actions_per_s": round(count / wall, 1),
+            "actions_per_worker_core_s": round(count / worker_cpu, 1), "lost": lost}
 
 
 def _cpu_s(process) -> float:
