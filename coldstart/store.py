@@ -605,3 +605,11 @@ def feature_server_app(store: FeatureStore):
     init_security_manager(auth_type=auth_type, fs=store)
     init_auth_manager(auth_type=auth_type, server_type=ServerType.REST, auth_config=store.config.auth_config)
     return get_app(store)
+
+
+def online_store_reachable(store: FeatureStore) -> bool:
+    """Whether the online store answers a PING now (readiness)."""
+    try:
+        return bool(store._get_provider().online_store._get_client(store.config.online_store).ping())
+    except Exception:  # noqa: BLE001 — any failure to answer is "not reachable"
+        return False

@@ -35,6 +35,7 @@ class ContentTowers:
 
     version = "content-mean"
     max_history = 50
+    provider = "numpy"  # what runs it (OnnxTowers: the ONNX Runtime execution provider)
 
     def item_vectors(self, content: np.ndarray, item_ids: list[str]) -> np.ndarray:
         return _normalise(content.astype(np.float32))  # (B, D)
@@ -74,6 +75,7 @@ class OnnxTowers:
         self.item_session = open_session(towers_dir / ITEM_TOWER_ONNX, threads)
         self.user_session = open_session(towers_dir / USER_TOWER_ONNX, threads)
         self.id_parts = IdParts(towers_dir / ID_PARTS) if self.metadata.get("id_parts") else None
+        self.provider: str = self.user_session.get_providers()[0]
 
     def item_vectors(self, content: np.ndarray, item_ids: list[str]) -> np.ndarray:
         feeds = {"content_embedding": content.astype(np.float32)}

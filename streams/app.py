@@ -5,8 +5,15 @@ workarounds of shared/notes/kafka-broker.md: short session timeouts, a 10 ms
 fetch wait (streams.patches) and single-record changelog batches.
 
 The agents live in their own modules (streams.items, streams.users,
-streams.broker_watch); each has a `register(app)` that declares its agents,
-tables and timers on the app it is given, so no agent module imports this one.
+streams.broker_watch, streams.observe); each has a `register(app)` that declares
+its agents, tables and timers on the app it is given, so no agent module imports
+this one.
+
+Roles: a worker runs the item agent, the user agent or both (`coldstart worker
+--role`), so each scales on its own. Every role joins the same consumer group
+(the app id): faust's assignor gives each topic's partitions only to the members
+that subscribe to it, and the user histories' changelog keeps its name whichever
+role holds it.
 """
 
 from __future__ import annotations
@@ -17,16 +24,25 @@ from concurrent.futures import ThreadPoolExecutor
 import faust
 
 from coldstart.config import Settings
-from streams import broker_watch, items, patches, users
+from coldstart import metrics
+from streams import broker_watch, items, observe, patches, users
 from streams.dead_letters import DeadLetters
+
+
+# `coldstart worker --role` → the agents it runs.
+ROLES = {"items": ("items",), "users": ("users",), "all": ("items", "users")}
+AGENTS = {"items": items, "users": users}
 
 
 class ColdstartApp(faust.App):
     """faust.App with what the agents share: the settings, the topics, the model thread, the offline buffers."""
 
-    def __init__(self, settings: Settings, **options):
+    def __init__(self, settings: Settings, role: str = "all", **options):
         super().__init__(settings.consumer_group, **options)
         self.settings = settings
+        self.agent_roles = ROLES[role]
+        self.loaded_models: dict = {}  # agent role → its models, once loaded (readiness, streams.observe)
+        self.broker_reachable = False  # the last broker check's outcome (streams.broker_watch)
         # One thread for the models: ONNX Runtime already uses every core per call.
         self.model_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="models")
         self.offline_buffers: list = []  # every agent's streams.sinks.OfflineBuffer, flushed by a timer
@@ -36,13 +52,19 @@ class ColdstartApp(faust.App):
         self.item_embeddings_topic = self.topic("item-embeddings", key_serializer="raw")
         self.dead_letters = DeadLetters(self.topic("dead-letters", key_serializer="raw"))
 
+    def models_loaded(self, role: str, models, version: str, provider: str) -> None:
+        """An agent has loaded its models (`models.store` is its feature store): ready, and say what it serves."""
+        self.loaded_models[role] = models
+        metrics.MODEL.labels(role, version, provider).set(1)
+
     def _new_transport(self):
         transport = patches.DevTransport if self.settings.dev else patches.Transport
         return transport(self.conf.broker_consumer, self)
 
 
-def create_app(settings: Settings) -> ColdstartApp:
-    """The worker's app with every agent registered; patches.CodecsMissing if it could not read every batch."""
+def create_app(settings: Settings, role: str = "all") -> ColdstartApp:
+    """The worker's app with the agents of `role` (ROLES) registered; patches.CodecsMissing if it could not read
+    every batch."""
     patches.check_codecs()
     dev_options = (
         dict(broker_session_timeout=6, broker_heartbeat_interval=1, broker_rebalance_timeout=10,
@@ -52,7 +74,7 @@ def create_app(settings: Settings) -> ColdstartApp:
         if settings.dev else {}
     )
     app = ColdstartApp(
-        settings,
+        settings, role,
         broker=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
         broker_credentials=_broker_credentials(settings),
         topic_partitions=settings.topic_partitions,
@@ -68,6 +90,10 @@ def create_app(settings: Settings) -> ColdstartApp:
         # micro-batch buffer never will be, so faust would wait out its timeout and be killed.
         # They are not committed, so the next worker gets them again (at-least-once).
         stream_wait_empty=False,
+        # A member without the tables (the items role) must not hand out standby replicas when it leads the
+        # group: faust leaves them out of the assignment it sends (it has no changelog topics) while the
+        # members holding tables count them in, and faust's assignor stops on the mismatch.
+        table_standby_replicas=1 if "users" in ROLES[role] else 0,
         **dev_options,
     )
 
@@ -77,7 +103,7 @@ def create_app(settings: Settings) -> ColdstartApp:
         for offline in app.offline_buffers:
             await offline.flush()
 
-    for agents in (items, users, broker_watch):
+    for agents in (*(AGENTS[r] for r in app.agent_roles), broker_watch, observe):
         agents.register(app)
     return app
 

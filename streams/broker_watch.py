@@ -82,7 +82,9 @@ async def check(app, topic_ids: TopicIds) -> None:
     settings = app.settings
     try:
         await asyncio.to_thread(topic_ids.check)
+        app.broker_reachable = True
     except (KafkaError, TopicMissing) as err:  # the consumer waits and reconnects by itself; keep watching
+        app.broker_reachable = False
         log.warning("broker check at %s: %s; waiting", settings.kafka_bootstrap, describe(err))
     except BrokerDataLost as lost:
         log.critical(

@@ -7,6 +7,7 @@ import hashlib
 import logging
 from datetime import datetime, timezone
 
+from coldstart import metrics
 from streams.records import DeadLetter
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class DeadLetters:
         The original's record headers (tracing ids, producer names…) ride on the dead letter's record.
         """
         log.info("dead letter %s[%d]@%d: %s", topic, partition, offset, reason)
+        metrics.DEAD_LETTERS.labels(topic, metrics.dead_letter_reason(reason)).inc()
         key_bytes = (key if isinstance(key, bytes) else key.encode())[:MAX_KEY_BYTES] if key else None
         original = original or b""
         delivery = await self.topic.send(

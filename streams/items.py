@@ -19,6 +19,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from coldstart import metrics
 from coldstart import store as feast_store
 from coldstart.config import ITEM_PUSH_SOURCE, ITEM_VIEW, Settings
 from encoders.content import OnnxContentEncoder
@@ -38,8 +39,8 @@ class ItemModels:
 
     def __init__(self, settings: Settings):
         self.encoder = OnnxContentEncoder(settings.encoder_export_dir, precision=settings.encoder_precision,
-                                          threads=settings.onnx_threads)
-        self.towers = load_towers(settings.towers_dir, settings.encoder_name, settings.onnx_threads)
+                                          threads=settings.onnx_session_threads)
+        self.towers = load_towers(settings.towers_dir, settings.encoder_name, settings.onnx_session_threads)
         self.version = f"{self.encoder.version}+{self.towers.version}"
         self.store = feast_store.open_store(settings)
         self.offline = feast_store.offline_table(self.store, ITEM_VIEW)
@@ -48,8 +49,10 @@ class ItemModels:
     def encode(self, items: list[ItemUpload]) -> tuple[np.ndarray, np.ndarray]:
         """(content embeddings (B, D_content), item vectors (B, D))."""
         texts = [item_text(i.title, i.description, i.category, i.brand, i.tags, i.price) for i in items]
-        content = self.encoder.encode(texts)
-        return content, self.towers.item_vectors(content, [i.item_id for i in items])
+        with metrics.ENCODER_SECONDS.time():
+            content = self.encoder.encode(texts)
+        with metrics.TOWER_SECONDS.labels("item").time():
+            return content, self.towers.item_vectors(content, [i.item_id for i in items])
 
 
 def register(app) -> None:
@@ -62,10 +65,13 @@ def register(app) -> None:
     async def encode_items(stream):
         # Loaded in the model thread while the consumer joins its group.
         models = await asyncio.get_running_loop().run_in_executor(app.model_executor, ItemModels, settings)
+        app.models_loaded("items", models, models.version, models.encoder.provider)
         offline = OfflineBuffer(stream, models.offline, settings.offline_flush_seconds)
         app.offline_buffers.append(offline)
         async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_ms / 1000):
+            metrics.MICRO_BATCH_EVENTS.labels("items").observe(len(events))
             valid: list[ItemUpload] = []
+            sent_at: list[float] = []  # the valid events' record timestamps (upload → online latency)
             for event in events:
                 try:
                     item = parse_item_upload(event.value)
@@ -74,12 +80,14 @@ def register(app) -> None:
                     continue
                 if not forwarder.misplaced(event, item.item_id, item):
                     valid.append(item)
+                    sent_at.append(event.message.timestamp)
             valid += await forwarder.forward_pending()
             uploads = [item for item in valid if not item.deleted]
             removals = [item for item in valid if item.deleted]
             # Either order is right: the online store keeps whichever of an upload and a removal is newer.
             frames = ([await write_embeddings(app, models, uploads)] if uploads else []) + (
                 [await write_removals(app, models, removals)] if removals else [])
+            metrics.observe_since(metrics.UPLOAD_TO_ONLINE, sent_at)
             offline.add(pd.concat(frames) if frames else None, list(events))
             await offline.flush()
 

@@ -13,6 +13,7 @@ import time
 
 import pandas as pd
 
+from coldstart import metrics
 from coldstart.store import OfflineTable
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ async def retry_forever(what: str, call, *args):
             result = await asyncio.to_thread(call, *args)
         except Exception as err:  # Redis down, disk full…: wait and try again
             failures += 1
+            metrics.WRITE_RETRIES.labels(what).inc()
             first_failure = first_failure or time.monotonic()
             log.warning("%s failed (attempt %d, %s); retrying in %.1fs", what, failures, describe(err), delay)
             await asyncio.sleep(delay)

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
+from coldstart import metrics
 from coldstart import store as feast_store
 from coldstart.config import USER_PUSH_SOURCE, USER_VIEW, Settings
 from encoders.towers import load_towers
@@ -63,7 +64,7 @@ class ContentEmbeddings:
 
 class UserModels:
     def __init__(self, settings: Settings):
-        self.towers = load_towers(settings.towers_dir, settings.encoder_name, settings.onnx_threads)
+        self.towers = load_towers(settings.towers_dir, settings.encoder_name, settings.onnx_session_threads)
         self.store = feast_store.open_store(settings)
         self.content = ContentEmbeddings(self.store)
         self.offline = feast_store.offline_table(self.store, USER_VIEW)
@@ -84,7 +85,8 @@ class UserModels:
                 users.append(user_id)
                 inputs.append(np.stack([content[i] for i in known]))  # (n, D_content), oldest first
                 input_ids.append(known)
-        vectors = self.towers.user_vectors(inputs, input_ids) if inputs else np.zeros((0, 0), np.float32)
+        with metrics.TOWER_SECONDS.labels("user").time():
+            vectors = self.towers.user_vectors(inputs, input_ids) if inputs else np.zeros((0, 0), np.float32)
         return users, [len(i) for i in inputs], vectors, unknown
 
 
@@ -104,16 +106,15 @@ def register(app) -> None:
     loaded: list[UserModels] = []  # the agent's models, once loaded (the timer waits for them)
     forwarder = Forwarder(app.user_actions_topic, "user_id", settings.topic_partitions)
 
-    def record_action(action: UserAction) -> bool:
-        """Add a positive action to the user's history; False if it is already there (a replay)."""
+    def record_action(action: UserAction) -> None:
+        """Add a positive action to the user's history, unless it is already there (a replay)."""
         entry = HistoryEntry(item_id=action.item_id, action=action.action, occurred_at=action.occurred_at)
         entries = list(user_histories[action.user_id].entries)
         if any((e.item_id, e.action, e.occurred_at) == (entry.item_id, entry.action, entry.occurred_at) for e in entries):
-            return False
+            return
         entries.append(entry)
         entries.sort(key=lambda e: e.occurred_at)  # a late, older action takes its place in time
         user_histories[action.user_id] = UserHistory(entries=entries[-settings.user_history_length :])
-        return True
 
     def update_waiting(unknown: dict[str, set[str]], recomputed: set[str]) -> None:
         """Keep each recomputed user's waiting items and their deadlines (first seen + the wait) in the table."""
@@ -163,10 +164,13 @@ def register(app) -> None:
     async def update_users(stream):
         models = await asyncio.get_running_loop().run_in_executor(app.model_executor, UserModels, settings)
         loaded.append(models)
+        app.models_loaded("users", models, models.towers.version, models.towers.provider)
         offline = OfflineBuffer(stream, models.offline, settings.offline_flush_seconds)
         app.offline_buffers.append(offline)
         async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_ms / 1000):
+            metrics.MICRO_BATCH_EVENTS.labels("users").observe(len(events))
             here: list[UserAction] = []
+            sent_at: list[float] = []  # the positive actions' record timestamps (action → user vector latency)
             for event in events:
                 try:
                     action = parse_user_action(event.value)
@@ -176,9 +180,16 @@ def register(app) -> None:
                 # off its user's partition: forwarded there (the history may live on another worker)
                 if not forwarder.misplaced(event, action.user_id, action):
                     here.append(action)
+                    sent_at.append(event.message.timestamp if action.action in POSITIVE_ACTIONS else None)
             here += await forwarder.forward_pending()  # the ones too large to forward stay here
-            touched = {a.user_id for a in here if a.action in POSITIVE_ACTIONS and record_action(a)}
+            positive = [a for a in here if a.action in POSITIVE_ACTIONS]
+            for action in positive:
+                record_action(action)
+            # A replayed action recomputes its user too: the worker that recorded it (the changelog has it) may
+            # have stopped before pushing the vector, and the history alone would then never reach the store.
+            touched = {a.user_id for a in positive}
             frame = await recompute(models, touched) if touched else None
+            metrics.observe_since(metrics.ACTION_TO_USER_VECTOR, sent_at)
             offline.add(frame, list(events))
             await offline.flush()
 

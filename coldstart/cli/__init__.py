@@ -61,6 +61,14 @@ def main(ctx: click.Context, verbose: bool) -> None:
         raise click.UsageError(str(err)) from None
 
 
+def plain_metrics() -> None:
+    """Keep this process's Prometheus metrics in memory: import coldstart.metrics before Feast can switch
+    prometheus_client to multi-process files (see there), and without a folder inherited from a parent."""
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR", "prometheus_multiproc_dir"):
+        os.environ.pop(name, None)
+    importlib.import_module("coldstart.metrics")
+
+
 def without_torch() -> None:
     """Keep torch out of a serving process (worker, HTTP server), even where it is installed.
 
@@ -142,6 +150,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
     GET /ready answers 200 once it is complete.
     """
     without_torch()
+    plain_metrics()
     from coldstart import store
     from coldstart.retrieval import Retriever
     from coldstart.server import serve as serve_http
@@ -217,16 +226,23 @@ def _ask_server(url: str, request: dict) -> dict:
 
 @main.command()
 @click.option("--loglevel", default="info", show_default=True)
+@click.option("--role", type=click.Choice(["all", "items", "users"]), default="all", show_default=True,
+              help="Which agents to run: items (item-uploads → item vectors), users (user-actions → user vectors) "
+                   "or both. Workers of every role share one consumer group; scale each role with its own count.")
 @click.pass_obj
-def worker(settings: Settings, loglevel: str) -> None:
-    """Run the stream worker (faust): item-uploads and user-actions → embeddings → Feast."""
+def worker(settings: Settings, loglevel: str, role: str) -> None:
+    """Run the stream worker (faust): item-uploads and user-actions → embeddings → Feast.
+
+    With COLDSTART_METRICS_PORT set, GET /metrics (Prometheus), /health and /ready answer on that port.
+    """
     without_torch()
+    plain_metrics()
     from encoders.export_format import ExportMissing
     from streams.app import create_app
     from streams.patches import CodecsMissing
 
     try:
-        app = create_app(settings)
+        app = create_app(settings, role)
     except (ExportMissing, CodecsMissing) as missing:
         raise click.ClickException(str(missing)) from None
     sys.argv = ["coldstart worker", "worker", "--loglevel", loglevel, "--without-web"]

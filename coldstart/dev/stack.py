@@ -88,9 +88,34 @@ class ServiceProcess:
 
 
 class WorkerProcess(ServiceProcess):
-    """`coldstart worker`: the stream worker."""
+    """`coldstart worker --role ROLE`: the stream worker (with settings.metrics_port, its /metrics, /ready on it)."""
 
-    command = ["worker"]
+    def __init__(self, settings: Settings, role: str = "all"):
+        self.role = role
+        self.command = ["worker", "--role", role]
+        super().__init__(settings)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.metrics_port}"
+
+    def wait_ready(self, timeout: float = 120) -> float:
+        """Wait until GET /ready on the metrics port answers 200 (models loaded, broker and Redis reached);
+        returns seconds waited."""
+        import urllib.error
+        import urllib.request
+
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            try:
+                urllib.request.urlopen(f"{self.metrics_url}/ready", timeout=2)
+                return time.monotonic() - start
+            except (urllib.error.HTTPError, OSError):  # 503 until ready; refused until the endpoint is up
+                pass
+            if not self.alive():
+                raise RuntimeError(f"worker exited:\n{self.log_tail()}")
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
 
 class FeatureServerProcess(ServiceProcess):

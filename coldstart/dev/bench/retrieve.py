@@ -92,8 +92,8 @@ def _served_vectors(settings: Settings, films: list[dict]) -> np.ndarray:
     from encoders.towers import load_towers
 
     encoder = OnnxContentEncoder(settings.encoder_export_dir, precision=settings.encoder_precision,
-                                 threads=settings.onnx_threads)
-    towers = load_towers(settings.towers_dir, settings.encoder_name, settings.onnx_threads)
+                                 threads=settings.onnx_session_threads)
+    towers = load_towers(settings.towers_dir, settings.encoder_name, settings.onnx_session_threads)
     texts = [item_text(title=film["title"], category=film["category"]) for film in films]
     content = np.concatenate([encoder.encode(texts[start : start + 64])
                               for start in tqdm(range(0, len(texts), 64), desc="encoding the films", unit="batch")])
