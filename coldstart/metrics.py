@@ -4,7 +4,7 @@ The agents and the server call these objects in one line where the work is
 done; `serve_endpoints` gives a worker (which has no HTTP server of its own)
 GET /metrics, /health and /ready on COLDSTART_METRICS_PORT. The HTTP server
 answers the same three routes on its own port. README, "Operating: scale and
-metrics", lists the metrics and what to alert on; docker/grafana holds the
+metrics", lists the metrics and what to alert on; docs/monitoring/grafana holds the
 dashboard.
 """
 

@@ -256,7 +256,7 @@ def test_dashboard_and_scrape_config_name_what_the_service_exports():
     exported = {sample_name for family in REGISTRY.collect() if family.name.startswith("coldstart_")
                 for sample_name in (family.name, f"{family.name}_total", f"{family.name}_bucket",
                                     f"{family.name}_count", f"{family.name}_sum")}
-    dashboard = json.loads((PROJECT_ROOT / "docker/grafana/dashboards/coldstart.json").read_text())
+    dashboard = json.loads((PROJECT_ROOT / "docs/monitoring/grafana/dashboards/coldstart.json").read_text())
     queried = {name for panel in dashboard["panels"] for target in panel["targets"]
                for name in re.findall(r"coldstart_[a-z_]+", target["expr"])}
     assert queried and queried <= exported, queried - exported
@@ -264,7 +264,7 @@ def test_dashboard_and_scrape_config_name_what_the_service_exports():
     assert all(word in titles for word in ("freshness", "lag", "dead letters")), titles
 
     compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
-    scrape = yaml.safe_load((PROJECT_ROOT / "docker/prometheus.yml").read_text())
+    scrape = yaml.safe_load((PROJECT_ROOT / "docs/monitoring/prometheus.yml").read_text())
     worker_port = int(compose["x-coldstart-env"]["COLDSTART_METRICS_PORT"])
     sd_jobs = {c["job_name"]: c["dns_sd_configs"][0] for c in scrape["scrape_configs"] if "dns_sd_configs" in c}
     assert {sd["names"][0] for sd in sd_jobs.values()} == {"item-worker", "user-worker"} <= set(compose["services"])
