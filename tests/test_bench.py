@@ -22,10 +22,12 @@ def test_bench_encoder_reports_items_per_s_and_cosine_per_configuration():
 
 
 def test_bench_pipeline_reports_latency_per_rate_and_efficiency():
-    summary = run_bench("pipeline", "--rates", "50", "--seconds", "1", "--saturation-items", "20", "--no-plot")
+    summary = run_bench("pipeline", "--rates", "50", "--seconds", "1", "--saturation-items", "20", "--naive-items", "3",
+                        "--no-plot")
     assert [row["offered_per_s"] for row in summary["rates"]] == [50.0, "max"]
     assert all(row["arrived"] == row["items"] for row in summary["rates"])
     assert summary["efficiency"] > 0 and summary["p99_ms_at_50"] > 0
+    assert summary["naive_items_per_s"] > 0 and summary["ratio_to_naive"] > 0 and summary["client_cpu_cores"] >= 0
 
 
 def test_bench_lookup_compares_feast_and_http_with_raw_redis():

@@ -53,3 +53,28 @@ def test_vectors_are_unit_length_and_meaningful(encoders_pair):
     ])
     assert np.allclose(np.linalg.norm([cook_a, cook_b, scifi], axis=1), 1, atol=1e-5)
     assert cook_a @ cook_b > cook_a @ scifi
+
+
+@pytest.fixture(scope="module")
+def served_and_fp32():
+    """The service's int8 encoder and the fp32 graph it was quantized from, on the demo catalogue's texts."""
+    from coldstart.dev.catalogue import catalogue_texts
+
+    return (OnnxContentEncoder(SETTINGS.encoder_export_dir, precision="int8"),
+            OnnxContentEncoder(SETTINGS.encoder_export_dir, precision="fp32"), catalogue_texts(0))
+
+
+def test_served_int8_stays_within_cosine_099_of_fp32(served_and_fp32):
+    int8, fp32, texts = served_and_fp32
+    cosines = (int8.encode(texts) * fp32.encode(texts)).sum(axis=1)
+    assert cosines.min() >= 0.99, cosines.min()
+    held_out = TEXTS[:2] + [item_text("The Name of the Rose", "A murder mystery in a medieval abbey.", "mystery")]
+    assert ((int8.encode(held_out) * fp32.encode(held_out)).sum(axis=1) >= 0.99).all()
+
+
+def test_served_int8_vector_does_not_depend_on_what_shares_its_batch(served_and_fp32):
+    int8, _, texts = served_and_fp32
+    texts = texts[:40] + TEXTS  # lengths from 1 to 256 tokens: padded batches of every shape
+    alone = np.stack([int8.encode([t])[0] for t in texts])
+    together = int8.encode(texts)
+    assert np.abs(alone - together).max() < 1e-5  # static activation scales: only float summation order differs

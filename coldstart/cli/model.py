@@ -95,6 +95,7 @@ def _check_trainable(split, name: str) -> None:
 def export(settings: Settings, model_path: str, force: bool) -> None:
     """Export the frozen content encoder COLDSTART_ENCODER (LM + mean pooling) to ONNX and check parity with torch."""
     from encoders.export_format import encoder_export_is_current
+    from coldstart.dev.catalogue import catalogue_texts
     from encoders.training.ceg import check_parity, export_onnx
     from encoders.training.registry import UnknownEncoder, encoder_config
 
@@ -106,7 +107,7 @@ def export(settings: Settings, model_path: str, force: bool) -> None:
         config = encoder_config(settings.encoder_name, model_path or settings.encoder_model_path)
     except UnknownEncoder as err:
         raise click.ClickException(str(err)) from None
-    export_onnx(config, out_dir)
+    export_onnx(config, out_dir, calibration_texts=catalogue_texts(0))  # int8 activation scales
     parity = {precision: check_parity(config, out_dir, precision=precision) for precision in ("fp32", "int8")}
     click.echo(f"exported {config.name} to {out_dir}; min cosine to torch: "
                + ", ".join(f"{p} {c:.4f}" for p, c in parity.items()))

@@ -18,6 +18,7 @@ def load_catalogue(limit: int = 0) -> list[dict]:
 
 
 def catalogue_texts(count: int) -> list[str]:
+    """`count` texts, cycling through the catalogue (0: each item's once)."""
     items = load_catalogue()
     texts = [item_text(i["title"], i["description"], i["category"], i["brand"], i["tags"], i["price"]) for i in items]
-    return [texts[i % len(texts)] for i in range(count)]
+    return [texts[i % len(texts)] for i in range(count or len(texts))]

@@ -191,8 +191,10 @@ class LocalStack:
                 from encoders.training.ceg import ensure_exported
                 from encoders.training.registry import encoder_config
 
+                from coldstart.dev.catalogue import catalogue_texts
+
                 ensure_exported(encoder_config(self.settings.encoder_name, self.settings.encoder_model_path),
-                                self.settings.encoder_export_dir)
+                                self.settings.encoder_export_dir, catalogue_texts(0))
             if self.start_worker:
                 self.worker = WorkerProcess(self.settings).start()
         except BaseException:

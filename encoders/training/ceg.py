@@ -102,10 +102,12 @@ def encode_with_torch(
     return torch.cat(chunks) if chunks else torch.empty(0, encoder.dim)
 
 
-def export_onnx(config: CEGConfig, out_dir: Path) -> Path:
+def export_onnx(config: CEGConfig, out_dir: Path, calibration_texts: list[str]) -> Path:
     """Export the whole CEG function (LM + pooling) with dynamic batch and sequence axes.
 
-    Writes what encoders.export_format describes into out_dir, and returns out_dir.
+    Writes what encoders.export_format describes into out_dir, and returns out_dir. The int8 graph's
+    activation scales are calibrated on every other text of `calibration_texts` (texts like the ones it will
+    encode); the rest stay unseen, for the quality gate (tests/test_encoder.py, `coldstart bench encoder`).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     encoder = FrozenContentEncoder(config)
@@ -131,7 +133,8 @@ def export_onnx(config: CEGConfig, out_dir: Path) -> Path:
     tokenizer.save_pretrained(out_dir)  # tokenizer.json among them: the runtime reads it with `tokenizers`
     assert (out_dir / TOKENIZER_FILE).exists(), f"{config.name}: no fast tokenizer (tokenizer.json) to export"
     int8_path = out_dir / ENCODER_ONNX["int8"]
-    quantize_int8(tmp_path, int8_path)
+    calibration_ids = tokenizer(calibration_texts[::2], truncation=True, max_length=config.max_tokens)["input_ids"]
+    quantize_int8(tmp_path, int8_path, calibration_ids)
     metadata = {
         "format": ENCODER_FORMAT,
         **asdict(config),
@@ -146,15 +149,23 @@ def export_onnx(config: CEGConfig, out_dir: Path) -> Path:
     return out_dir
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, keep_down_projections_fp32: bool = True) -> None:
-    """Dynamic int8 quantization, per channel, leaving the feed-forward down-projections in fp32.
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration_ids: list[list[int]],
+                  keep_down_projections_fp32: bool = True) -> None:
+    """int8 per output channel for the weights; int8 activations with one scale per tensor, calibrated once.
 
-    Measured on the demo catalogue (MiniLM): per-tensor int8 drops to a min cosine
-    of 0.93 to fp32; per-channel everywhere to 0.983; per-channel with the
-    down-projections (weights wider in than out, where activation outliers live)
-    kept fp32 holds ≥ 0.99 and is still ~1.5x faster than fp32 on 2 CPU cores.
+    ORT's dynamic quantization (DynamicQuantizeLinear → MatMulInteger, which runs on VNNI) picks each
+    activation's scale from the batch it sees, so a text encoded alone and inside a batch came out different
+    (cosine down to 0.991) and the min cosine to fp32 fell to 0.984 at batch 32. Here every
+    DynamicQuantizeLinear becomes a QuantizeLinear with the scale and zero point of the activation's range
+    over `calibration_ids` (token ids, one text each): a vector no longer depends on its batch, and the
+    same integer kernels run. The feed-forward down-projections (weights wider in than out, whose inputs
+    carry the GELU outliers) stay fp32 unless told otherwise: all-int8 is faster but falls to a min cosine
+    of 0.986 on the catalogue (BENCHMARKS.md, encoder).
     """
+    import numpy as np
     import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = onnx.load(str(fp32_path), load_external_data=False).graph
@@ -165,10 +176,36 @@ def quantize_int8(fp32_path: Path, int8_path: Path, keep_down_projections_fp32: 
         if node.op_type == "MatMul"
         and any(len(weight_shapes.get(i, ())) == 2 and weight_shapes[i][0] > weight_shapes[i][1] for i in node.input)
     ] if keep_down_projections_fp32 else []
+    dynamic_path = int8_path.with_name(int8_path.name + ".dynamic.tmp")
     quantize_dynamic(
-        str(fp32_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8,
+        str(fp32_path), str(dynamic_path), per_channel=True, weight_type=QuantType.QInt8,
         nodes_to_exclude=down_projections,
     )
+    model = onnx.load(str(dynamic_path))
+    dynamic_nodes = [node for node in model.graph.node if node.op_type == "DynamicQuantizeLinear"]
+    activations = [node.input[0] for node in dynamic_nodes]
+    probe = onnx.load(str(dynamic_path))  # the same graph with the quantized activations as outputs
+    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in activations)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    low, high = np.zeros(len(activations)), np.zeros(len(activations))  # the range always holds 0 (zero point)
+    for ids in calibration_ids:
+        row = np.array([ids], dtype=np.int64)
+        values = session.run(activations, {"input_ids": row, "attention_mask": np.ones_like(row)})
+        low = np.minimum(low, [v.min() for v in values])
+        high = np.maximum(high, [v.max() for v in values])
+    for node, lo, hi in zip(dynamic_nodes, low, high):
+        scale = max(float(hi - lo), 1e-8) / 255.0
+        _, scale_name, zero_point_name = node.output  # become constants of the same names
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.array(scale, dtype=np.float32), scale_name),
+            numpy_helper.from_array(np.array(round(-lo / scale), dtype=np.uint8), zero_point_name),
+        ])
+        static = helper.make_node("QuantizeLinear", [node.input[0], scale_name, zero_point_name], [node.output[0]],
+                                  name=node.name + "_static")
+        model.graph.node.insert(list(model.graph.node).index(node), static)
+        model.graph.node.remove(node)
+    onnx.save(model, str(int8_path))
+    dynamic_path.unlink()
 
 
 def _digest(path: Path) -> str:
@@ -190,9 +227,9 @@ def check_parity(config: CEGConfig, export_dir: Path, texts: list[str] | None = 
     return float((onnx_vectors * torch_vectors).sum(axis=1).min())  # both are L2-normalised
 
 
-def ensure_exported(config: CEGConfig, export_dir: Path) -> Path:
+def ensure_exported(config: CEGConfig, export_dir: Path, calibration_texts: list[str]) -> Path:
     """Export the encoder into export_dir unless a complete export of the current format is there."""
     if not encoder_export_is_current(export_dir):
         log.warning("no current export of %s in %s; exporting it now (once)", config.name, export_dir)
-        export_onnx(config, Path(export_dir))
+        export_onnx(config, Path(export_dir), calibration_texts)
     return Path(export_dir)

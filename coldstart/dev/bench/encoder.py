@@ -37,7 +37,7 @@ def run_encoder_bench(settings: Settings, count: int, batch_sizes: list[int]) ->
     from encoders.training.registry import encoder_config
 
     config = encoder_config(settings.encoder_name, settings.encoder_model_path)
-    export_dir = ensure_exported(config, settings.encoder_export_dir)
+    export_dir = ensure_exported(config, settings.encoder_export_dir, catalogue_texts(0))
     texts = catalogue_texts(count)
     torch_encoder, tokenizer = FrozenContentEncoder(config), load_tokenizer(config)
 
@@ -46,7 +46,8 @@ def run_encoder_bench(settings: Settings, count: int, batch_sizes: list[int]) ->
     for name in os.listdir(export_dir):
         if name != ENCODER_ONNX["int8"]:
             os.symlink(export_dir / name, all_int8_dir / name)
-    quantize_int8(export_dir / ENCODER_ONNX["fp32"], all_int8_dir / ENCODER_ONNX["int8"],
+    calibration_ids = tokenizer(catalogue_texts(0)[::2], truncation=True, max_length=config.max_tokens)["input_ids"]
+    quantize_int8(export_dir / ENCODER_ONNX["fp32"], all_int8_dir / ENCODER_ONNX["int8"], calibration_ids,
                   keep_down_projections_fp32=False)
 
     runtimes = {
