@@ -22,6 +22,7 @@ import functools
 import importlib
 import pkgutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -607,9 +608,14 @@ def feature_server_app(store: FeatureStore):
     return get_app(store)
 
 
-def online_store_reachable(store: FeatureStore) -> bool:
-    """Whether the online store answers a PING now (readiness)."""
+_PINGS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="online-store-ping")
+
+
+def online_store_reachable(store: FeatureStore, timeout_s: float = 2.0) -> bool:
+    """Whether the online store answers a PING within timeout_s (readiness). Feast's client has no socket
+    timeout and retries, so a PING to a Redis that just went away can hang: it is waited for here, not in it."""
+    client = store._get_provider().online_store._get_client(store.config.online_store)
     try:
-        return bool(store._get_provider().online_store._get_client(store.config.online_store).ping())
-    except Exception:  # noqa: BLE001 — any failure to answer is "not reachable"
+        return bool(_PINGS.submit(client.ping).result(timeout=timeout_s))
+    except Exception:  # noqa: BLE001 — no answer in time, or any error: "not reachable"
         return False

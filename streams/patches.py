@@ -163,3 +163,18 @@ class DevTransport(aiokafka_driver.Transport):
     """For the embedded tansu broker: the same, and a short fetch wait."""
 
     Consumer = _ShortFetchWaitConsumer
+
+
+def key_changelog_like_the_input(table) -> None:
+    """Write the table's changelog keys as the raw UTF-8 bytes of its str keys, as producers key the input topic.
+
+    faust serializes a str-keyed table's keys as JSON ('"u42"', quotes included), and with use_partitioner the
+    producer picks the changelog partition by hashing those bytes: a user's history then lands on another changelog
+    partition than the user's actions. One worker recovers every partition and never notices; with several, the
+    worker that takes over a user's partition recovers a changelog partition that does not hold the user's history,
+    and the history starts again from nothing (tests/test_scaleout.py). With raw keys both hash the same bytes.
+    The table sends with its own key serializer and recovers through its changelog topic's (made with the table):
+    both change. Recovered keys load back as str (the table's key_type).
+    """
+    table.key_serializer = "raw"
+    table.changelog_topic.key_serializer = "raw"

@@ -30,6 +30,7 @@ from coldstart import metrics
 from coldstart import store as feast_store
 from coldstart.config import USER_PUSH_SOURCE, USER_VIEW, Settings
 from encoders.towers import load_towers
+from streams import patches
 from streams.keys import Forwarder
 from streams.records import HistoryEntry, UserAction, UserHistory, WaitingItems
 from streams.sinks import OfflineBuffer, retry_forever
@@ -103,6 +104,8 @@ def register(app) -> None:
         "waiting-items", default=None, partitions=settings.topic_partitions,
         key_type=str, value_type=WaitingItems, use_partitioner=True,
     )
+    for table in (user_histories, waiting_items):
+        patches.key_changelog_like_the_input(table)
     loaded: list[UserModels] = []  # the agent's models, once loaded (the timer waits for them)
     forwarder = Forwarder(app.user_actions_topic, "user_id", settings.topic_partitions)
 

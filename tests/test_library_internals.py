@@ -67,6 +67,26 @@ def test_aiokafka_internals_streams_patches_reads_to_name_an_undecodable_batch()
                callable(getattr(codec, f"{name}_encode", None)) and callable(getattr(codec, f"{name}_decode", None)))
 
 
+def test_a_tables_changelog_is_partitioned_like_its_input_with_raw_keys():
+    """streams.patches.key_changelog_like_the_input: faust's table sends its changelog with its key_serializer and
+    recovers through its changelog topic's; raw str keys hash like the producers' keys and load back as str."""
+    import faust
+    from kafka.partitioner.default import murmur2
+
+    from streams.patches import key_changelog_like_the_input
+
+    app = faust.App("pin-tables", broker="memory://")
+    table = app.Table("histories", partitions=4, key_type=str, use_partitioner=True)
+    key_changelog_like_the_input(table)
+    pinned(PATCHES, "faust Table.send_changelog uses Table.key_serializer",
+           "self.key_serializer" in inspect.getsource(type(table).send_changelog))
+    sent = app.serializers.dumps_key(str, "u42", serializer=table.key_serializer)
+    pinned(PATCHES, "faust's raw key serializer writes a str key as its UTF-8 bytes", sent == b"u42")
+    assert murmur2(sent) == murmur2(b"u42")  # the changelog partition is the input partition
+    pinned(PATCHES, "faust loads a raw changelog key back as the table's key_type (str)",
+           app.serializers.loads_key(str, sent, serializer=table.changelog_topic.key_serializer) == "u42")
+
+
 def test_the_patched_transports_build(stack):
     """The overrides still compose into a transport faust accepts (the worker in `stack` runs them for real)."""
     from streams.app import create_app

@@ -22,7 +22,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from coldstart.dev.bench.common import unique_items
-from coldstart.dev.bench.scale import SteadyLoad, rebalance_pauses, start_workers, warm_group
+from coldstart.dev.bench.scale import (
+    SteadyLoad,
+    rebalance_pauses,
+    served_history_lengths,
+    start_workers,
+    warm_group,
+)
 from coldstart.dev.catalogue import load_catalogue
 from coldstart.dev.load import item_event, new_producer, send_action, send_item, upload_at_rate
 from coldstart.dev.services import LocalRedis
@@ -103,8 +109,14 @@ def test_three_workers_lose_nothing_when_one_is_killed_one_joins_and_one_leaves(
     wait_readable(stack.store, load.uploaded, timeout=120)
     # Every user's history whole, in event-time order: each action exactly once, none lost to the kill,
     # none doubled by the redelivery of what the killed worker had not committed.
+    users_sent = list(load.actions)
+    served = dict(zip(users_sent, served_history_lengths(stack, users_sent, load.actions)))
+    short = {u: (len(load.actions[u]), served[u], partition_of(u, stack.settings.topic_partitions))
+             for u in users_sent if served[u] != len(load.actions[u])}
+    wall = {name: time.strftime("%H:%M:%S", time.localtime(time.time() - time.monotonic() + at)) for name, at in changes}
+    assert not short, f"(sent, served, partition) of {len(short)} users: {short}; changes at {wall}"
     for user_id, item_ids in load.actions.items():
-        got = user_vector(stack, user_id, min_history=len(item_ids), timeout=120)
+        got = user_vector(stack, user_id, min_history=len(item_ids), timeout=10)
         assert got["history_length"] == len(item_ids), user_id
         assert float(np.dot(got["user_embedding"], expected_user_vector(stack, item_ids))) > 0.9999, user_id
     watcher.stopping.set()
@@ -124,6 +136,13 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
     text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition a Kafka client's default partitioner (murmur2) puts this key on."""
+    from kafka.partitioner.default import murmur2
+
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 def held_partitions(worker: WorkerProcess) -> set[str]:
