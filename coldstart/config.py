@@ -69,6 +69,7 @@ class Settings:
     # The graph's links per node (twice that on its base level). usearch allocates nodes in 64-byte blocks: up to
     # 14 links a base-level node fits 128 bytes, from 15 it takes 192 (BENCHMARKS.md, retrieve).
     index_connectivity: int
+    registry_path: str  # model versions (encoders.versions); empty: onnx_dir/registry (see registry_dir)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -117,6 +118,11 @@ class Settings:
     def towers_dir(self) -> Path:
         """The towers' export folder: COLDSTART_TOWERS_DIR, or COLDSTART_ONNX_DIR/towers when that is unset."""
         return Path(self.towers_path) if self.towers_path else self.onnx_dir / "towers"
+
+    @property
+    def registry_dir(self) -> Path:
+        """The model-version registry: COLDSTART_REGISTRY_DIR, or COLDSTART_ONNX_DIR/registry when that is unset."""
+        return Path(self.registry_path) if self.registry_path else self.onnx_dir / "registry"
 
     @property
     def offline_dir(self) -> Path:
@@ -171,5 +177,6 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "index_dtype": ("COLDSTART_INDEX_DTYPE", "f16"),
     "index_expansion_search": ("COLDSTART_INDEX_EXPANSION_SEARCH", "384"),
     "index_connectivity": ("COLDSTART_INDEX_CONNECTIVITY", "14"),
+    "registry_path": ("COLDSTART_REGISTRY_DIR", ""),
 }
 _CASTS = {"int": int, "float": float, "Path": Path}

@@ -441,3 +441,145 @@ def feature_server_app(store: FeatureStore):
     init_security_manager(auth_type=auth_type, fs=store)
     init_auth_manager(auth_type=auth_type, server_type=ServerType.REST, auth_config=store.config.auth_config)
     return get_app(store)
+
+
+# ---- model-version backfill (streams.rollout): raw copies between two versions' projects ------------------
+
+# Write an entity's fields only if its stored event time is older than the given one (or absent): atomic,
+# so a worker's fresher write is never overwritten by a backfill. The event time is Feast's Timestamp proto
+# (field 1 seconds, field 2 nanos, varints), compared as Feast compares it (an equal instant is not newer).
+# KEYS[1] the hash; ARGV[1] the view's event-time field, ARGV[2] the new Timestamp bytes, ARGV[3] its seconds,
+# ARGV[4] its nanos, ARGV[5] how many field/value pairs follow, then those pairs, then fields to delete.
+_WRITE_IF_NEWER = """
+local function varint(bytes, pos)
+  local value, scale = 0, 1
+  while true do
+    local b = string.byte(bytes, pos)
+    pos = pos + 1
+    value = value + (b % 128) * scale
+    if b < 128 then return value, pos end
+    scale = scale * 128
+  end
+end
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if stored then
+  local seconds, nanos, pos = 0, 0, 1
+  while pos <= #stored do
+    local tag = string.byte(stored, pos)
+    local value
+    value, pos = varint(stored, pos + 1)
+    if tag == 8 then seconds = value elseif tag == 16 then nanos = value end
+  end
+  local new_seconds, new_nanos = tonumber(ARGV[3]), tonumber(ARGV[4])
+  if seconds > new_seconds or (seconds == new_seconds and nanos >= new_nanos) then return 0 end
+end
+local pairs_count = tonumber(ARGV[5])
+local mapping = {ARGV[1], ARGV[2]}
+for i = 0, pairs_count - 1 do
+  mapping[#mapping + 1] = ARGV[6 + 2 * i]
+  mapping[#mapping + 1] = ARGV[7 + 2 * i]
+end
+redis.call('HSET', KEYS[1], unpack(mapping))
+for i = 6 + 2 * pairs_count, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+return 1
+"""
+
+
+def scan_entity_ids(store: FeatureStore, join_key: str, cursor: int = 0, page: int = 1000) -> tuple[int, list[str]]:
+    """One SCAN step over the project's entity keys of this join key: (next cursor, ids); cursor 0 back: done.
+    A saved cursor resumes the scan (Redis SCAN keeps no state on the server); an id may come twice."""
+    from feast.infra.key_encoding_utils import deserialize_entity_key
+    from feast.infra.online_stores.helpers import _redis_key
+
+    client = store._get_provider().online_store._get_client(store.config.online_store)
+    suffix = store.config.project.encode()
+    cursor, keys = client.scan(cursor, match=b"*" + suffix, count=page)
+    ids = []
+    for key in keys:
+        try:
+            entity = deserialize_entity_key(key[: -len(suffix)], ENTITY_KEY_SERIALIZATION)
+        except Exception:  # another project whose name ends with ours
+            continue
+        if list(entity.join_keys) == [join_key] and _redis_key(store.config.project, entity,
+                                                               ENTITY_KEY_SERIALIZATION) == key:
+            ids.append(entity.entity_values[0].string_val)
+    return cursor, ids
+
+
+@dataclass
+class RawRow:
+    """An entity's stored fields as Feast wrote them: feature → Value bytes (None: absent), and its event time."""
+
+    fields: dict[str, bytes | None]
+    event_time: bytes | None  # Timestamp bytes; None: the entity has no row of this view
+
+    def value(self, feature: str):
+        raw = self.fields.get(feature)
+        return _decode_bytes(raw) if raw else None
+
+
+def read_raw(store: FeatureStore, view_name: str, join_key: str, ids: list[str], features: tuple[str, ...]) -> list[RawRow]:
+    """The stored bytes of these features (and the event time) of each entity, in one pipelined round trip."""
+    client = store._get_provider().online_store._get_client(store.config.online_store)
+    fields = [*_hash_fields(view_name, features), f"_ts:{view_name}"]
+    with client.pipeline(transaction=False) as pipe:
+        for entity_id in ids:
+            pipe.hmget(_redis_key_of(store.config.project, join_key, entity_id), fields)
+        rows = pipe.execute()
+    return [RawRow(dict(zip(features, row[:-1])), row[-1]) for row in rows]
+
+
+def write_raw_if_newer(store: FeatureStore, view_name: str, join_key: str, ids: list[str],
+                       rows: list[RawRow]) -> list[bool]:
+    """Write each row (fields with bytes are set, fields with None deleted) where the stored event time is
+    older or absent, atomically per entity (a Lua script); returns, per entity, whether it was written."""
+    client = store._get_provider().online_store._get_client(store.config.online_store)
+    script = client.register_script(_WRITE_IF_NEWER)
+    with client.pipeline(transaction=False) as pipe:
+        for entity_id, row in zip(ids, rows):
+            stamp = Timestamp.FromString(row.event_time)
+            names = list(row.fields)
+            hashed = dict(zip(names, _hash_fields(view_name, tuple(names))))
+            sets = [(hashed[f], v) for f, v in row.fields.items() if v is not None]
+            deletes = [hashed[f] for f, v in row.fields.items() if v is None]
+            script(keys=[_redis_key_of(store.config.project, join_key, entity_id)],
+                   args=[f"_ts:{view_name}", row.event_time, stamp.seconds, stamp.nanos, len(sets),
+                         *(x for pair in sets for x in pair), *deletes], client=pipe)
+        return [bool(applied) for applied in pipe.execute()]
+
+
+def float_list_bytes(vector: np.ndarray) -> bytes:
+    """A vector as the Value bytes Feast stores for an Array(Float32) feature."""
+    return Value(float_list_val={"val": np.asarray(vector, dtype=np.float32).tolist()}).SerializeToString()
+
+
+def string_bytes(text: str) -> bytes:
+    return Value(string_val=text).SerializeToString()
+
+
+def delete_project_keys(store: FeatureStore, page: int = 1000) -> int:
+    """Delete every Redis key of the store's project (a version no longer served); returns how many."""
+    client = store._get_provider().online_store._get_client(store.config.online_store)
+    suffix = store.config.project.encode()
+    deleted, cursor = 0, 0
+    while True:
+        cursor, keys = client.scan(cursor, match=b"*" + suffix, count=page)
+        # Only keys that end in exactly our project after a serialized entity key: another project's name may end
+        # with ours, and deserializing tells them apart.
+        ours = [key for key in keys if _is_entity_key_of(key, store.config.project)]
+        if ours:
+            deleted += client.delete(*ours)
+        if cursor == 0:
+            return deleted
+
+
+def _is_entity_key_of(key: bytes, project: str) -> bool:
+    from feast.infra.key_encoding_utils import deserialize_entity_key
+    from feast.infra.online_stores.helpers import _redis_key
+
+    suffix = project.encode()
+    try:
+        entity = deserialize_entity_key(key[: -len(suffix)], ENTITY_KEY_SERIALIZATION)
+    except Exception:
+        return False
+    return _redis_key(project, entity, ENTITY_KEY_SERIALIZATION) == key
