@@ -15,7 +15,9 @@ compare-and-set (WATCH/MULTI):
     phase       "items" while the target's items are backfilled, then "users": workers write users to the
                 target only in the "users" phase, when every item vector (and content embedding) a user tower
                 reads is there
-    previous    the version active before the last switch: what `rollback` promotes
+    previous    the version active before the last switch: what `rollback` goes back to
+    standby     whether previous is kept current (workers keep writing to it until `coldstart model cleanup`
+                drops it): then a rollback is one compare-and-set, with no backfill
     started_at  when the rollout to target began (epoch seconds)
     epoch       bumped at every change: a worker compares it to see that the state moved
 
@@ -48,18 +50,23 @@ class RolloutState:
     target: str | None = None
     phase: str | None = None
     previous: str | None = None
+    standby: bool = False
     started_at: float | None = None
     epoch: int = 0
 
     @property
     def serving(self) -> tuple[str, ...]:
-        """The versions workers write items to: the active one, and the target during a rollout."""
-        return (self.active,) if self.target is None else (self.active, self.target)
+        """The versions workers write items to: the active one, the standby, the target during a rollout."""
+        return self._with(self.target)
 
     @property
     def serving_users(self) -> tuple[str, ...]:
         """The versions workers write users to: the target only once its items are complete."""
-        return (self.active, self.target) if self.phase == "users" else (self.active,)
+        return self._with(self.target if self.phase == "users" else None)
+
+    def _with(self, target: str | None) -> tuple[str, ...]:
+        standby = self.previous if self.standby else None
+        return tuple(dict.fromkeys(v for v in (self.active, standby, target) if v is not None))
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -104,7 +111,9 @@ def begin(client: redis.Redis, settings: Settings, target: str) -> RolloutState:
                                   f"{state.target}`) or drop it (`coldstart model abort`) first")
         if state.active == target:
             raise RolloutConflict(f"{target} is already the active version")
-        return replace(state, target=target, phase="items", started_at=time.time())
+        # a standby being promoted is rebuilt like any target (its keys were cleared before this)
+        standby = state.standby and state.previous != target
+        return replace(state, target=target, phase="items", standby=standby, started_at=time.time())
     return change_state(client, settings, start)
 
 
@@ -124,8 +133,25 @@ def switch(client: redis.Redis, settings: Settings, target: str) -> RolloutState
             raise RolloutConflict(f"the rollout to {target} was dropped or replaced (state: {state})")
         if state.phase != "users":
             raise RolloutConflict(f"the rollout to {target} has not backfilled its users yet (state: {state})")
-        return replace(state, active=target, target=None, phase=None, previous=state.active, started_at=None)
+        return replace(state, active=target, target=None, phase=None, previous=state.active, standby=True,
+                       started_at=None)
     return change_state(client, settings, flip)
+
+
+def swap_with_standby(client: redis.Redis, settings: Settings) -> RolloutState:
+    """Rollback at once: the standby (kept current) becomes active, the active one the standby."""
+    def swap(state: RolloutState) -> RolloutState:
+        if state.target is not None:
+            raise RolloutConflict(f"a rollout to {state.target} is under way: `coldstart model abort` it first")
+        if state.previous is None or not state.standby:
+            raise RolloutConflict("no standby version is kept current")
+        return replace(state, active=state.previous, previous=state.active)
+    return change_state(client, settings, swap)
+
+
+def drop_standby(client: redis.Redis, settings: Settings) -> RolloutState:
+    """Workers stop keeping the previous version current (its keys can then be deleted)."""
+    return change_state(client, settings, lambda state: replace(state, standby=False))
 
 
 def abort(client: redis.Redis, settings: Settings) -> RolloutState:

@@ -557,6 +557,10 @@ def string_bytes(text: str) -> bytes:
     return Value(string_val=text).SerializeToString()
 
 
+def int64_bytes(number: int) -> bytes:
+    return Value(int64_val=number).SerializeToString()
+
+
 def delete_project_keys(store: FeatureStore, page: int = 1000) -> int:
     """Delete every Redis key of the store's project (a version no longer served); returns how many."""
     client = store._get_provider().online_store._get_client(store.config.online_store)
