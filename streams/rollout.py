@@ -189,7 +189,9 @@ class Backfill:
         """The item's text as the worker encoded it: its latest upload still on item-uploads, else the stored
         title and category (counted in texts_from_store)."""
         if self.texts is None:
-            found = history.from_topics(self.settings, idle_seconds=1.0)
+            # What the topic held when the rollout began is enough: later uploads reach the target from the
+            # workers, so the read stops at the end offsets of its start, however busy the topic.
+            found = history.from_topics(self.settings, idle_seconds=0)
             self.texts = {i["item_id"]: item_text(i["title"], i.get("description", ""), i.get("category", ""),
                                                   i.get("brand", ""), i.get("tags", []), i.get("price"))
                           for i in found.items}

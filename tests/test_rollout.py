@@ -7,10 +7,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import replace
 
 import pytest
@@ -18,6 +15,7 @@ import pytest
 from coldstart import rollout
 from coldstart import store as feast_store
 from coldstart.config import ITEM_VIEW, USER_VIEW
+from coldstart.dev.bench.rollout import LiveTraffic, item_model_version, post_json
 from coldstart.dev.catalogue import load_catalogue
 from coldstart.dev.load import item_event, send_action, send_item
 from coldstart.dev.stack import FeatureServerProcess, LocalStack
@@ -97,81 +95,13 @@ def stamps(store, view: str, join_key: str, ids: list[str]) -> list:
     return feast_store.online_read(store, feast_store.stored_view(store, view, ["model_version"]), ids)["model_version"]
 
 
-class Traffic:
-    """Uploads and clicks at a steady pace, and HTTP lookups and retrievals checked for mixed versions."""
-
-    def __init__(self, stack, server_url: str, histories: dict[str, list[str]]):
-        self.stack, self.url, self.histories = stack, server_url, {u: list(h) for u, h in histories.items()}
-        self.uploaded: list[str] = []
-        self.responses: list[tuple[str, str]] = []  # (route, version)
-        self.mixed: list[dict] = []
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.write, daemon=True), threading.Thread(target=self.read, daemon=True)]
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout=30)
-
-    def write(self):
-        users = list(self.histories)
-        with stack_producer(self.stack) as producer:
-            n = 0
-            while not self.stopping.is_set():
-                item_id = unique_id("live")
-                send_item(producer, item_event({"item_id": item_id, "title": f"Live film {n} about the sea"}))
-                user_id = users[n % len(users)]
-                send_action(producer, user_id, self.histories[user_id][n % 3])  # a click on a known film
-                producer.flush()
-                self.uploaded.append(item_id)
-                self.histories[user_id].append(item_id)
-                send_action(producer, user_id, item_id)  # and on the new one, which may arrive before it
-                producer.flush()
-                n += 1
-                time.sleep(0.25)
-
-    def read(self):
-        users = list(self.histories)
-        n = 0
-        while not self.stopping.is_set():
-            user_id = users[n % len(users)]
-            lookup = post(self.url, "/ranking-features", {"user_id": user_id, "item_ids": self.histories[user_id][:5]})
-            if lookup is not None:
-                dims = {len(i["item_embedding"]) for i in lookup["items"] if i["item_embedding"] is not None}
-                dims.add(len(lookup["user_embedding"]))
-                self.responses.append(("lookup", lookup["version"]))
-                if len(dims) != 1:  # vectors of two versions (their dimensions differ) in one answer
-                    self.mixed.append(lookup)
-            found = post(self.url, "/retrieve", {"user_id": user_id, "k": 5})
-            if found is not None:
-                self.responses.append(("retrieve", found["version"]))
-            n += 1
-            time.sleep(0.05)
-
-
-def post(url: str, path: str, body: dict) -> dict | None:
-    """The JSON answer, or None for a 404/503 (a user or index not there yet)."""
-    request = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            return json.loads(reply.read())
-    except urllib.error.HTTPError as err:
-        if err.code in (404, 503):
-            return None
-        raise
-
-
 def test_promote_under_traffic_switches_every_vector_at_once_then_rollback_and_cleanup(stack, seeded, trained):
     a, b = trained
     client = rollout.redis_client(stack.settings)
+    expected = {name: item_model_version(stack.settings, name) for name in (rollout.DEFAULT, a, b)}
     with FeatureServerProcess(stack.settings) as server:
         server.wait_ready()
-        with Traffic(stack, server.url, seeded) as traffic:
+        with LiveTraffic(stack.settings, server.url, seeded, rate=4, expected=expected) as traffic:
             time.sleep(2)
             done = run_coldstart("model", "promote", a, "--page", "7", "--json", env=stack.settings.as_env(),
                                  timeout=300)
@@ -180,7 +110,7 @@ def test_promote_under_traffic_switches_every_vector_at_once_then_rollback_and_c
             time.sleep(2)
         assert rollout.read_state(client, stack.settings).active == a
         assert report["items"] >= 24 and report["users"] == 10 and not report["reencoded"]
-        versions_seen = [version for _, version in traffic.responses]
+        versions_seen = traffic.responses
         assert traffic.mixed == [] and set(versions_seen) == {"default", a}
         switched = versions_seen.index(a)
         assert set(versions_seen[switched:]) == {a}, "a read went back to the old version after the switch"
@@ -201,10 +131,10 @@ def test_promote_under_traffic_switches_every_vector_at_once_then_rollback_and_c
         done = run_coldstart("model", "promote", b, "--json", env=stack.settings.as_env(), timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert json.loads(done.stdout.strip().splitlines()[-1])["reencoded"] is True
-        assert post(server.url, "/retrieve", {"user_id": next(iter(seeded)), "k": 5})["version"] == b
+        assert post_json(server.url, "/retrieve", {"user_id": next(iter(seeded)), "k": 5})["version"] == b
         done = run_coldstart("model", "rollback", "--json", env=stack.settings.as_env())
         assert done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1])["instant"] is True
-        assert post(server.url, "/retrieve", {"user_id": next(iter(seeded)), "k": 5})["version"] == a
+        assert post_json(server.url, "/retrieve", {"user_id": next(iter(seeded)), "k": 5})["version"] == a
         done = run_coldstart("model", "list", "--json", env=stack.settings.as_env())
         roles = {row["version"]: row["role"] for row in json.loads(done.stdout.strip().splitlines()[-1])["versions"]}
         assert roles == {"default": "", a: "active", b: "standby"}

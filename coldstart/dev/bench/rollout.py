@@ -76,12 +76,13 @@ def run_rollout_bench(settings: Settings, count: int, users: int, history: int, 
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     client_process = psutil.Process()
     cpu_before, started = sum(client_process.cpu_times()[:2]), time.monotonic()
+    films = None if count else _films(settings.data_dir / "datasets" / "ml-100k", history)  # the project's data
     with tempfile.TemporaryDirectory(prefix="coldstart-registry-") as registry, \
             fresh_stack(replace(settings, registry_path=registry), "bench_rollout") as stack:
         settings = stack.settings
         a, b = _versions(settings, Path(registry))
-        histories = _seed_synthetic(stack, count, users, history) if count else _seed_films(stack, history)
-        expected = {name: _stamps(settings, name) for name in (rollout.DEFAULT, a, b)}
+        histories = _seed_synthetic(stack, count, users, history) if count else _seed_films(stack, *films)
+        expected = {name: item_model_version(settings, name) for name in (rollout.DEFAULT, a, b)}
         with FeatureServerProcess(settings) as server:
             server.wait_ready(timeout=600)
             with LiveTraffic(settings, server.url, histories, rate, expected) as traffic:
@@ -144,8 +145,8 @@ def _untrained_towers(settings: Settings, out_dir: Path) -> Path:
     return export_towers(model, out_dir, settings.encoder_name, "bench-untrained", "loo", item_ids=[])
 
 
-def _stamps(settings: Settings, name: str) -> str:
-    """The model_version a version's item vectors carry."""
+def item_model_version(settings: Settings, name: str) -> str:
+    """The model_version a version's item vectors carry (encoder + towers)."""
     served = rollout.version_settings(settings, name)
     encoder = read_encoder_metadata(served.encoder_export_dir)["versions"][served.encoder_precision]
     path = served.towers_dir / TOWERS_METADATA
@@ -156,15 +157,18 @@ def _stamps(settings: Settings, name: str) -> str:
 # ---- seeding -------------------------------------------------------------------------------------
 
 
-def _seed_films(stack, history: int) -> dict[str, list[str]]:
-    """The MovieLens-100K films uploaded through Kafka, then each user's last `history` films as clicks."""
+def _films(folder: Path, history: int) -> tuple[list[dict], dict[str, list[str]]]:
+    """MovieLens-100K's films as uploads, and each user's last `history` films."""
     from encoders.training.datasets import fetch_ml100k, load_ml100k, ml100k_films
 
-    folder = stack.settings.data_dir / "datasets" / "ml-100k"
     films = ml100k_films(fetch_ml100k(folder))
     data = load_ml100k(folder)
-    histories = {f"ml-{user_id}": [data.item_ids[i] for i in sequence[-history:]]
-                 for user_id, sequence in zip(data.user_ids, data.sequences)}
+    return films, {f"ml-{user_id}": [data.item_ids[i] for i in sequence[-history:]]
+                   for user_id, sequence in zip(data.user_ids, data.sequences)}
+
+
+def _seed_films(stack, films: list[dict], histories: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The films uploaded through Kafka, then the histories as clicks."""
     producer = new_producer(stack.settings)
     start = datetime.now(timezone.utc) - timedelta(hours=1)
     for film in films:
@@ -187,7 +191,7 @@ def _seed_synthetic(stack, count: int, users: int, history: int) -> dict[str, li
     settings = stack.settings
     towers = load_towers(settings.towers_dir, settings.encoder_name, settings.onnx_threads)
     dim = read_encoder_metadata(settings.encoder_export_dir)["dim"]
-    stamp = _stamps(settings, rollout.DEFAULT)
+    stamp = item_model_version(settings, rollout.DEFAULT)
     rng = np.random.default_rng(0)
     ids = [f"synthetic-{n}" for n in range(count)]
     now = datetime.now(timezone.utc) - timedelta(hours=1)
@@ -308,12 +312,12 @@ class LiveTraffic:
             user_id = users[n % len(users)]
             with self.lock:
                 candidates = self.histories[user_id][:5]
-            lookup = _post(self.url, "/ranking-features", {"user_id": user_id, "item_ids": candidates})
+            lookup = post_json(self.url, "/ranking-features", {"user_id": user_id, "item_ids": candidates})
             if lookup is not None:
                 dims = {len(i["item_embedding"]) for i in lookup["items"] if i["item_embedding"] is not None}
                 dims.add(len(lookup["user_embedding"]))
                 self._answer(lookup["version"], lookup if len(dims) != 1 else None)
-            found = _post(self.url, "/retrieve", {"user_id": user_id, "k": 10})
+            found = post_json(self.url, "/retrieve", {"user_id": user_id, "k": 10})
             if found is not None:
                 wrong = self.expected and self.expected.get(found["version"]) != found["model_version"]
                 self._answer(found["version"], found if wrong else None)
@@ -340,7 +344,7 @@ class LiveTraffic:
             time.sleep(1)
 
 
-def _post(url: str, path: str, body: dict) -> dict | None:
+def post_json(url: str, path: str, body: dict) -> dict | None:
     """The JSON answer, or None for a 404/503 (a user or index not there yet)."""
     request = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
