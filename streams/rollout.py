@@ -31,8 +31,9 @@ Applied item writes are published on item-embeddings with the target's name,
 so every retrieval replica builds the target's index (standby) before the switch.
 
 Resumable: the scan cursor and counts are kept in Redis after every page; a
-rerun of the same promote continues from there (a page redone is refused by
-write-if-newer: nothing is written twice).
+rerun of the same promote continues from there. An entity the target already
+holds as new as the source (a page redone, an upload the workers wrote to both
+versions) is skipped before any encoder or tower work.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class Backfill:
 
     def items(self, ids: list[str]) -> None:
         rows = feast_store.read_raw(self.source, ITEM_VIEW, "item_id", ids, ITEM_FEATURES)
-        present = [(i, r) for i, r in zip(ids, rows) if r.event_time is not None]
+        present = self._not_in_target(ITEM_VIEW, "item_id", ids, rows)
         uploads = [(i, r) for i, r in present if r.fields["content_embedding"]]
         removals = [(i, r) for i, r in present if not r.fields["content_embedding"]]
         out_ids, out_rows, vectors, contents = [], [], [], []
@@ -184,6 +185,13 @@ class Backfill:
             contents.append(None)
         applied = feast_store.write_raw_if_newer(self.target, ITEM_VIEW, "item_id", out_ids, out_rows)
         self._publish_and_record(out_ids, out_rows, vectors, contents, applied)
+
+    def _not_in_target(self, view: str, join_key: str, ids: list[str], rows: list) -> list[tuple]:
+        """The (id, row) pairs the target lacks or holds older: what a worker has already written there (an
+        upload during the rollout, a page redone) is neither re-embedded nor written again."""
+        held = feast_store.read_raw(self.target, view, join_key, ids, ())
+        return [(i, r) for i, r, t in zip(ids, rows, held)
+                if r.event_time is not None and (t.event_time is None or _instant(t.event_time) < _instant(r.event_time))]
 
     def _text(self, item_id: str, row: feast_store.RawRow) -> str:
         """The item's text as the worker encoded it: its latest upload still on item-uploads, else the stored
@@ -240,7 +248,7 @@ class Backfill:
 
     def users(self, ids: list[str]) -> None:
         rows = feast_store.read_raw(self.source, USER_VIEW, "user_id", ids, USER_FEATURES)
-        present = [(i, r) for i, r in zip(ids, rows) if r.event_time is not None and r.fields["seen_item_ids"]]
+        present = [(i, r) for i, r in self._not_in_target(USER_VIEW, "user_id", ids, rows) if r.fields["seen_item_ids"]]
         histories = {i: r.value("seen_item_ids") for i, r in present}
         wanted = sorted({item for seen in histories.values() for item in seen})
         content_rows = feast_store.read_raw(self.target, ITEM_VIEW, "item_id", wanted, ("content_embedding",))
@@ -270,6 +278,11 @@ class Backfill:
                 [histories[user_ids[n]] for n in kept], self.towers.version,
                 [_event_time(out_rows[n].event_time) for n in kept])
             self.user_offline.write(frame)
+
+
+def _instant(stamp: bytes) -> tuple[int, int]:
+    parsed = Timestamp.FromString(stamp)
+    return parsed.seconds, parsed.nanos
 
 
 def _event_time(stamp: bytes) -> datetime:

@@ -14,8 +14,8 @@ While uploads and clicks flow (--rate uploads/s, each with a click on it and
 one on a known item) and a reader thread asks the server for lookups and
 retrievals in a loop: promote A (towers only), promote B (encoder and towers),
 roll back to A (the standby: one compare-and-set). Figures: backfill items/s
-and users/s, switch_s = promote called → first read answered by the new
-version, rollback_s likewise; mixed_version_responses = answers whose vectors
+and users/s, switch_s = promote called → first lookup answered by the new
+version (retrieval_switch_s: first retrieval), rollback_s likewise; mixed_version_responses = answers whose vectors
 are not all of the version they name (lookups: the user's and the items'
 dimensions disagree; retrievals: the index's model_version is not that
 version's); lost_events = uploads and clicks not in the active version's
@@ -102,8 +102,10 @@ def run_rollout_bench(settings: Settings, count: int, users: int, history: int, 
         "backfill_items_per_s_with_encoder": round(with_encoder.items_per_s, 1) if with_encoder else None,
         "users_per_s": round(towers_only.users_per_s, 1),
         "users_per_s_with_encoder": round(with_encoder.users_per_s, 1) if with_encoder else None,
-        "switch_s": round(switch_s, 2), "switch_cas_ms": round(towers_only.switch_seconds * 1000, 2),
-        "rollback_s": round(rollback_s, 3), "rollback_instant": rollback.instant,
+        "switch_s": switch_s["lookup"], "retrieval_switch_s": switch_s["retrieve"],
+        "switch_cas_ms": round(towers_only.switch_seconds * 1000, 2),
+        "rollback_s": rollback_s["lookup"], "retrieval_rollback_s": rollback_s["retrieve"],
+        "rollback_instant": rollback.instant,
         "mixed_version_responses": len(traffic.mixed), "responses": len(traffic.responses),
         "responses_by_version": {v: sum(1 for r in traffic.responses if r == v) for v in set(traffic.responses)},
         "live_uploads": len(traffic.uploaded), "live_clicks": traffic.clicks, "lost_events": lost,
@@ -118,7 +120,8 @@ def _timed_promote(settings: Settings, traffic: "LiveTraffic", target: str, page
 
     called = time.monotonic()
     report = promote(settings, target, page=page)
-    return report, traffic.first_answer_of(target, after=called) - called
+    return report, {route: round(traffic.first_answer_of(target, called, route) - called, 3)
+                    for route in ("lookup", "retrieve")}
 
 
 def _versions(settings: Settings, registry: Path) -> tuple[str, str]:
@@ -256,12 +259,15 @@ class LiveTraffic:
         self.uploaded: list[str] = []
         self.clicks = 0
         self.responses: list[str] = []  # the version of each answer
-        self.answered_at: list[tuple[float, str]] = []
+        self.answered_at: list[tuple[float, str, str]] = []  # (when, route, version)
         self.mixed: list[dict] = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        # Lookups and retrievals in threads of their own: a retrieval waits while the server's index takes in
+        # a backfill's records, a lookup does not.
         self.threads = [threading.Thread(target=self._write, daemon=True),
-                        threading.Thread(target=self._read, daemon=True)]
+                        threading.Thread(target=self._read, args=("lookup",), daemon=True),
+                        threading.Thread(target=self._read, args=("retrieve",), daemon=True)]
 
     def __enter__(self) -> "LiveTraffic":
         for thread in self.threads:
@@ -273,16 +279,16 @@ class LiveTraffic:
         for thread in self.threads:
             thread.join(timeout=30)
 
-    def first_answer_of(self, version: str, after: float, timeout: float = 60) -> float:
-        """When the reader first got an answer from `version` after `after` (monotonic seconds)."""
+    def first_answer_of(self, version: str, after: float, route: str, timeout: float = 900) -> float:
+        """When a reader first got an answer of `route` from `version` after `after` (monotonic seconds)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
-                found = [at for at, v in self.answered_at if v == version and at >= after]
+                found = [at for at, r, v in self.answered_at if r == route and v == version and at >= after]
             if found:
                 return found[0]
             time.sleep(0.01)
-        raise TimeoutError(f"no answer from {version} within {timeout:.0f}s")
+        raise TimeoutError(f"no {route} answer from {version} within {timeout:.0f}s")
 
     def _write(self) -> None:
         users = list(self.histories)
@@ -305,28 +311,31 @@ class LiveTraffic:
             time.sleep(max(0.0, started + n / self.rate - time.monotonic()))
         producer.close()
 
-    def _read(self) -> None:
+    def _read(self, route: str) -> None:
         users = list(self.histories)
         n = 0
         while not self.stopping.is_set():
             user_id = users[n % len(users)]
-            with self.lock:
-                candidates = self.histories[user_id][:5]
-            lookup = post_json(self.url, "/ranking-features", {"user_id": user_id, "item_ids": candidates})
-            if lookup is not None:
-                dims = {len(i["item_embedding"]) for i in lookup["items"] if i["item_embedding"] is not None}
-                dims.add(len(lookup["user_embedding"]))
-                self._answer(lookup["version"], lookup if len(dims) != 1 else None)
-            found = post_json(self.url, "/retrieve", {"user_id": user_id, "k": 10})
-            if found is not None:
-                wrong = self.expected and self.expected.get(found["version"]) != found["model_version"]
-                self._answer(found["version"], found if wrong else None)
             n += 1
+            if route == "lookup":
+                with self.lock:
+                    candidates = self.histories[user_id][:5]
+                lookup = post_json(self.url, "/ranking-features", {"user_id": user_id, "item_ids": candidates})
+                if lookup is not None:
+                    dims = {len(i["item_embedding"]) for i in lookup["items"] if i["item_embedding"] is not None}
+                    dims.add(len(lookup["user_embedding"]))
+                    self._answer(route, lookup["version"], lookup if len(dims) != 1 else None)
+            else:
+                found = post_json(self.url, "/retrieve", {"user_id": user_id, "k": 10})
+                if found is not None:
+                    wrong = self.expected and self.expected.get(found["version"]) != found["model_version"]
+                    self._answer(route, found["version"], found if wrong else None)
+            time.sleep(0.01)
 
-    def _answer(self, version: str, mixed: dict | None) -> None:
+    def _answer(self, route: str, version: str, mixed: dict | None) -> None:
         with self.lock:
             self.responses.append(version)
-            self.answered_at.append((time.monotonic(), version))
+            self.answered_at.append((time.monotonic(), route, version))
             if mixed is not None:
                 self.mixed.append(mixed)
 
