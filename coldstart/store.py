@@ -488,22 +488,10 @@ return 1
 def scan_entity_ids(store: FeatureStore, join_key: str, cursor: int = 0, page: int = 1000) -> tuple[int, list[str]]:
     """One SCAN step over the project's entity keys of this join key: (next cursor, ids); cursor 0 back: done.
     A saved cursor resumes the scan (Redis SCAN keeps no state on the server); an id may come twice."""
-    from feast.infra.key_encoding_utils import deserialize_entity_key
-    from feast.infra.online_stores.helpers import _redis_key
-
     client = store._get_provider().online_store._get_client(store.config.online_store)
-    suffix = store.config.project.encode()
-    cursor, keys = client.scan(cursor, match=b"*" + suffix, count=page)
-    ids = []
-    for key in keys:
-        try:
-            entity = deserialize_entity_key(key[: -len(suffix)], ENTITY_KEY_SERIALIZATION)
-        except Exception:  # another project whose name ends with ours
-            continue
-        if list(entity.join_keys) == [join_key] and _redis_key(store.config.project, entity,
-                                                               ENTITY_KEY_SERIALIZATION) == key:
-            ids.append(entity.entity_values[0].string_val)
-    return cursor, ids
+    cursor, keys = client.scan(cursor, match=b"*" + store.config.project.encode(), count=page)
+    entities = (_entity_of(key, store.config.project) for key in keys)
+    return cursor, [e.entity_values[0].string_val for e in entities if e is not None and list(e.join_keys) == [join_key]]
 
 
 @dataclass
@@ -570,20 +558,20 @@ def delete_project_keys(store: FeatureStore, page: int = 1000) -> int:
         cursor, keys = client.scan(cursor, match=b"*" + suffix, count=page)
         # Only keys that end in exactly our project after a serialized entity key: another project's name may end
         # with ours, and deserializing tells them apart.
-        ours = [key for key in keys if _is_entity_key_of(key, store.config.project)]
+        ours = [key for key in keys if _entity_of(key, store.config.project) is not None]
         if ours:
             deleted += client.delete(*ours)
         if cursor == 0:
             return deleted
 
 
-def _is_entity_key_of(key: bytes, project: str) -> bool:
+def _entity_of(key: bytes, project: str) -> EntityKey | None:
+    """The entity of a Redis key of this project; None for a key of another project whose name ends with ours."""
     from feast.infra.key_encoding_utils import deserialize_entity_key
     from feast.infra.online_stores.helpers import _redis_key
 
-    suffix = project.encode()
     try:
-        entity = deserialize_entity_key(key[: -len(suffix)], ENTITY_KEY_SERIALIZATION)
+        entity = deserialize_entity_key(key[: -len(project.encode())], ENTITY_KEY_SERIALIZATION)
     except Exception:
-        return False
-    return _redis_key(project, entity, ENTITY_KEY_SERIALIZATION) == key
+        return None
+    return entity if _redis_key(project, entity, ENTITY_KEY_SERIALIZATION) == key else None

@@ -353,13 +353,16 @@ class LiveTraffic:
             time.sleep(1)
 
 
-def post_json(url: str, path: str, body: dict) -> dict | None:
-    """The JSON answer, or None for a 404/503 (a user or index not there yet)."""
+def post_json(url: str, path: str, body: dict, timeout: float = 30) -> dict | None:
+    """The JSON answer, or None for a 404/503 (a user or index not there yet) or no answer in time (a reader
+    keeps reading: a server busy taking in a backfill's records can be slow)."""
     request = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=10) as reply:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
             return json.loads(reply.read())
     except urllib.error.HTTPError as err:
         if err.code in (404, 503):
             return None
         raise
+    except OSError:  # a timeout, a dropped connection
+        return None
