@@ -321,7 +321,7 @@ class LiveTraffic:
                 with self.lock:
                     candidates = self.histories[user_id][:5]
                 lookup = post_json(self.url, "/ranking-features", {"user_id": user_id, "item_ids": candidates})
-                if lookup is not None:
+                if lookup is not None and lookup["user_embedding"] is not None:  # None: no vector yet
                     dims = {len(i["item_embedding"]) for i in lookup["items"] if i["item_embedding"] is not None}
                     dims.add(len(lookup["user_embedding"]))
                     self._answer(route, lookup["version"], lookup if len(dims) != 1 else None)
