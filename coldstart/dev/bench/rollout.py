@@ -89,9 +89,9 @@ def run_rollout_bench(settings: Settings, count: int, users: int, history: int, 
                 time.sleep(3)
                 towers_only, switch_s = _timed_promote(settings, traffic, a, page)
                 with_encoder = _timed_promote(settings, traffic, b, page)[0] if reencode else None
-                rollback, rollback_s = _timed_promote(settings, traffic, a, page)
+                rollback, rollback_s = _timed_promote(settings, traffic, None, page)
                 time.sleep(2)
-            lost = traffic.lost(feast_store.open_store(rollout.version_settings(settings, a)))
+            lost = traffic.lost(feast_store.open_store(rollout.version_settings(settings, rollback.target)))
     seconds = time.monotonic() - started
     return {
         "benchmark": "rollout", "machine": machine(), "catalogue": f"{count} synthetic" if count else "ml-100k",
@@ -113,14 +113,14 @@ def run_rollout_bench(settings: Settings, count: int, users: int, history: int, 
     }
 
 
-def _timed_promote(settings: Settings, traffic: "LiveTraffic", target: str, page: int):
-    """promote(target) (a rollback when target is the standby); returns its report and the seconds from the
-    call to the first read the server answered with target."""
-    from streams.rollout import promote
+def _timed_promote(settings: Settings, traffic: "LiveTraffic", target: str | None, page: int):
+    """promote(target), or a rollback for None; returns its report and the seconds from the call to the first
+    lookup and retrieval the server answered with the new version."""
+    from streams.rollout import promote, rollback
 
     called = time.monotonic()
-    report = promote(settings, target, page=page)
-    return report, {route: round(traffic.first_answer_of(target, called, route) - called, 3)
+    report = promote(settings, target, page=page) if target else rollback(settings, page=page)
+    return report, {route: round(traffic.first_answer_of(report.target, called, route) - called, 3)
                     for route in ("lookup", "retrieve")}
 
 
