@@ -73,6 +73,7 @@ class Settings:
     # sets their ONNX Runtime threads (onnx_session_threads); the worker's Prometheus port (0: no endpoint).
     workers_per_host: int
     metrics_port: int
+    registry_path: str  # model versions (encoders.versions); empty: onnx_dir/registry (see registry_dir)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -137,6 +138,11 @@ class Settings:
         return Path(self.towers_path) if self.towers_path else self.onnx_dir / "towers"
 
     @property
+    def registry_dir(self) -> Path:
+        """The model-version registry: COLDSTART_REGISTRY_DIR, or COLDSTART_ONNX_DIR/registry when that is unset."""
+        return Path(self.registry_path) if self.registry_path else self.onnx_dir / "registry"
+
+    @property
     def offline_dir(self) -> Path:
         """The offline store: one folder of parquet part files per feature view (under data_dir)."""
         return self.data_dir / "offline"
@@ -191,5 +197,6 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "index_connectivity": ("COLDSTART_INDEX_CONNECTIVITY", "14"),
     "workers_per_host": ("COLDSTART_WORKERS_PER_HOST", "1"),
     "metrics_port": ("COLDSTART_METRICS_PORT", "0"),
+    "registry_path": ("COLDSTART_REGISTRY_DIR", ""),
 }
 _CASTS = {"int": int, "float": float, "Path": Path}

@@ -20,6 +20,13 @@ Newest event time wins per item, as in the online store: an upload older than
 what the index holds, or than the item's removal, changes nothing; a removal
 takes the item out of every version's index. A user is answered from the one
 index whose towers made their vector: no answer mixes versions.
+
+Model versions (coldstart.rollout): a user is read from the active version's
+Feast project and answered from that version's index, both chosen by one read
+of the rollout state, and the answer names the version. The index of a version
+being rolled out is built while it is backfilled (standby) — from the
+item-embeddings records the workers and the backfill publish under its name,
+and from its project at start — so reads switch at once with the state.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import numpy as np
 from coldstart import store as feast_store
 from coldstart.config import USER_VIEW, Settings
 from coldstart.ranking import UnknownUser
+from coldstart.rollout import DEFAULT, ServedStores, read_state
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +79,7 @@ class Retrieval:
     user_id: str
     model_version: str  # the item vectors' version (encoder + towers)
     items: list[Retrieved]  # best first
+    version: str = DEFAULT  # the served model version (coldstart.rollout) whose vectors answered
 
 
 def categories_of(category: str) -> tuple[str, ...]:
@@ -176,7 +185,8 @@ class Retriever:
     def __init__(self, settings: Settings, store=None):
         self.settings = settings
         self.store = store if store is not None else feast_store.open_store(settings)
-        self.indexes: dict[str, VersionIndex] = {}
+        self.stores = ServedStores(settings, self.store)
+        self.indexes: dict[tuple[str, str], VersionIndex] = {}  # (served version, item vectors' model_version)
         self.removed_at: dict[str, float] = {}  # item id → event time of its latest removal
         self.lock = threading.Lock()
         self.ready = threading.Event()
@@ -246,9 +256,11 @@ class Retriever:
     def load(self) -> int:
         """Rebuild every index from the online store; returns the items loaded."""
         start, count = time.monotonic(), 0
-        for page in feast_store.scan_items(self.store):
-            self.apply_items(page.item_ids, page.vectors, page.model_versions, page.categories, page.event_times)
-            count += len(page.item_ids)
+        for served in read_state(self.stores.client, self.settings).serving:  # the target and standby too
+            for page in feast_store.scan_items(self.stores.store_of(served)):
+                self.apply_items(page.item_ids, page.vectors, page.model_versions, page.categories, page.event_times,
+                                 [served] * len(page.item_ids))
+                count += len(page.item_ids)
             if count // 100_000 != (count - len(page.item_ids)) // 100_000:
                 log.info("retrieval index: %d items loaded from the online store", count)
         self.loaded_in_s = time.monotonic() - start
@@ -265,35 +277,38 @@ class Retriever:
                     [None if r.get("deleted") else np.asarray(r["vector"], dtype=np.float32) for r in records],
                     [r["model_version"] for r in records], [r.get("category", "") for r in records],
                     [datetime.fromisoformat(r["event_time"]).timestamp() for r in records],
+                    [r.get("version", DEFAULT) for r in records],
                 )
                 self.applied += len(records)
             elif not self.ready.is_set():
                 log.info("retrieval index ready: %s", self.sizes())
                 self.ready.set()  # caught up with the topic once: complete
 
-    def apply_items(self, item_ids, vectors, versions, categories, event_times) -> None:
-        """Apply uploads (a vector) and removals (None), newest event time winning per item."""
-        uploads: dict[str, dict[str, tuple]] = {}  # version → item id → (vector, category, time); last one wins
+    def apply_items(self, item_ids, vectors, versions, categories, event_times, served=None) -> None:
+        """Apply uploads (a vector) and removals (None), newest event time winning per item. served: each
+        record's served model version (coldstart.rollout; default: DEFAULT)."""
+        uploads: dict[tuple[str, str], dict[str, tuple]] = {}  # index key → item id → (vector, category, time)
+        served = served or [DEFAULT] * len(item_ids)
         with self.lock:
-            for item_id, vector, version, category, event_time in zip(item_ids, vectors, versions, categories,
-                                                                      event_times):
+            for item_id, vector, version, category, event_time, name in zip(item_ids, vectors, versions, categories,
+                                                                            event_times, served):
                 if vector is None:
                     self._remove(item_id, event_time, uploads)
                 elif event_time > self.removed_at.get(item_id, -math.inf):
-                    pending = uploads.setdefault(version, {})
-                    index = self.indexes.get(version)
+                    pending = uploads.setdefault((name, version), {})
+                    index = self.indexes.get((name, version))
                     latest = max(index.event_time(item_id) if index else -math.inf,
                                  pending[item_id][2] if item_id in pending else -math.inf)
                     if event_time > latest:
                         pending[item_id] = (vector, category, event_time)
-            for version, items in uploads.items():
+            for key, items in uploads.items():
                 if items:
                     ids = list(items)
                     vectors = np.stack([items[i][0] for i in ids])
-                    index = self.indexes.get(version)
+                    index = self.indexes.get(key)
                     if index is None:
-                        index = self.indexes[version] = VersionIndex(
-                            version, vectors.shape[1], self.settings.index_dtype, self.settings.index_expansion_search,
+                        index = self.indexes[key] = VersionIndex(
+                            key[1], vectors.shape[1], self.settings.index_dtype, self.settings.index_expansion_search,
                             self.settings.index_connectivity)
                     index.put(ids, vectors, [items[i][1] for i in ids], [items[i][2] for i in ids])
 
@@ -309,7 +324,8 @@ class Retriever:
                 del items[item_id]
 
     def sizes(self) -> dict[str, int]:
-        return {version: len(index) for version, index in self.indexes.items()}
+        return {(version if name == DEFAULT else f"{name}/{version}"): len(index)
+                for (name, version), index in self.indexes.items()}
 
     def indexed(self, item_ids) -> list[str]:
         """The given items some version's index holds: those a retrieval whose top k they belong to returns."""
@@ -329,21 +345,25 @@ class Retriever:
         categories = check_request(k, filter)
         if not self.ready.is_set():
             raise NotReady(f"the retrieval index is still being rebuilt{f': {self.failure}' if self.failure else ''}")
-        columns = feast_store.online_read(self.store, self._user_view, [user_id])
+        served, store = self.stores.active()  # one state read: the user and the index of one version
+        columns = feast_store.online_read(store, self._user_view, [user_id])
         vector, user_version = columns["user_embedding"][0], columns["model_version"][0]
         if vector is None:
             raise UnknownUser(f"user {user_id!r} has no vector yet: no positive action on an item the service knows")
         excluded = set(columns["seen_item_ids"][0] or ()) if exclude_seen else set()
         with self.lock:
-            index = self.index_for(user_version)
+            index = self.index_for(served, user_version)
             items = index.search(np.asarray(vector, dtype=np.float32), k, excluded, categories)
-        return Retrieval(user_id, index.version, items)
+        return Retrieval(user_id, index.version, items, served)
 
-    def index_for(self, user_version: str) -> VersionIndex:
-        """The index of the item vectors made by the same towers as the user's vector (the fullest, if several)."""
-        matching = [index for index in self.indexes.values() if towers_version(index.version) == user_version and len(index)]
+    def index_for(self, served: str, user_version: str) -> VersionIndex:
+        """The served version's index of the item vectors made by the same towers as the user's vector (the
+        fullest, if several)."""
+        matching = [index for (name, _), index in self.indexes.items()
+                    if name == served and towers_version(index.version) == user_version and len(index)]
         if not matching:
-            raise NotReady(f"no item of model version {user_version!r} is indexed (indexed: {self.sizes()})")
+            raise NotReady(f"no item of model version {user_version!r} ({served}) is indexed "
+                           f"(indexed: {self.sizes()})")
         return max(matching, key=len)
 
 

@@ -1,9 +1,10 @@
 """The HTTP read path: one server for ranking lookups and retrieval, read-only, with limits on every request.
 
     POST /retrieve             {"user_id": "u42", "k": 100, "exclude_seen": true, "filter": {"category": "Comedy"}}
-                               → {"user_id", "model_version", "items": [{"item_id", "score"}, …]} (best first)
+                               → {"user_id", "version", "model_version", "items": [{"item_id", "score"}, …]}
+                                 (best first)
     POST /ranking-features     {"user_id": "u42", "item_ids": ["book-1", …]}
-                               → {"user_id", "user_embedding", "history_length",
+                               → {"user_id", "version", "user_embedding", "history_length",
                                   "items": [{"item_id", "title", "affinity", "item_embedding"}, …]}
     POST /get-online-features  Feast's own route and request shape, for Feast clients (slower, see below)
     GET  /health               the process is up
@@ -152,15 +153,16 @@ class ServingApp:
         if not isinstance(exclude_seen, bool):
             raise ValueError("exclude_seen must be true or false")
         found = self.retriever.retrieve(_user_id(request), request.get("k", 100), exclude_seen, request.get("filter"))
-        return {"user_id": found.user_id, "model_version": found.model_version,
+        return {"user_id": found.user_id, "version": found.version, "model_version": found.model_version,
                 "items": [{"item_id": r.item_id, "score": r.score} for r in found.items]}
 
     def ranking_features(self, request: dict) -> dict:
         item_ids = request.get("item_ids")
         if not isinstance(item_ids, list) or not all(isinstance(i, str) for i in item_ids):
             raise ValueError("item_ids must be a list of item id strings")
-        features = ranking_features(self.store, _user_id(request), item_ids)
-        return {"user_id": features.user_id, "user_embedding": features.user_embedding,
+        version, store = self.retriever.stores.active()  # every vector of the answer from this version's project
+        features = ranking_features(store, _user_id(request), item_ids)
+        return {"user_id": features.user_id, "version": version, "user_embedding": features.user_embedding,
                 "history_length": features.history_length,
                 "items": [{"item_id": c.item_id, "title": c.title, "affinity": c.affinity,
                            "item_embedding": c.item_embedding} for c in features.candidates]}

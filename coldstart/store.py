@@ -619,3 +619,92 @@ def online_store_reachable(store: FeatureStore, timeout_s: float = 2.0) -> bool:
         return bool(_PINGS.submit(client.ping).result(timeout=timeout_s))
     except Exception:  # noqa: BLE001 — no answer in time, or any error: "not reachable"
         return False
+# ---- model-version backfill (streams.rollout): raw copies between two versions' projects ------------------
+
+def scan_entity_ids(store: FeatureStore, join_key: str, cursor: int = 0, page: int = 1000) -> tuple[int, list[str]]:
+    """One SCAN step over the project's entity keys of this join key: (next cursor, ids); cursor 0 back: done.
+    A saved cursor resumes the scan (Redis SCAN keeps no state on the server); an id may come twice."""
+    client = store._get_provider().online_store._get_client(store.config.online_store)
+    cursor, keys = client.scan(cursor, match=b"*" + store.config.project.encode(), count=page)
+    entities = (_entity_of(key, store.config.project) for key in keys)
+    return cursor, [e.entity_values[0].string_val for e in entities if e is not None and list(e.join_keys) == [join_key]]
+
+
+@dataclass
+class RawRow:
+    """An entity's stored fields as Feast wrote them: feature → Value bytes (None: absent), and its event time."""
+
+    fields: dict[str, bytes | None]
+    event_time: bytes | None  # Timestamp bytes; None: the entity has no row of this view
+
+    def value(self, feature: str):
+        raw = self.fields.get(feature)
+        return _decode_bytes(raw) if raw else None
+
+
+def read_raw(store: FeatureStore, view_name: str, join_key: str, ids: list[str], features: tuple[str, ...]) -> list[RawRow]:
+    """The stored bytes of these features (and the event time) of each entity, in one pipelined round trip."""
+    client = store._get_provider().online_store._get_client(store.config.online_store)
+    fields = [*_hash_fields(view_name, features), f"_ts:{view_name}"]
+    with client.pipeline(transaction=False) as pipe:
+        for entity_id in ids:
+            pipe.hmget(_redis_key_of(store.config.project, join_key, entity_id), fields)
+        rows = pipe.execute()
+    return [RawRow(dict(zip(features, row[:-1])), row[-1]) for row in rows]
+
+
+def write_raw_if_newer(store: FeatureStore, view_name: str, join_key: str, ids: list[str],
+                       rows: list[RawRow]) -> list[bool]:
+    """Write each row (fields with bytes are set, fields with None deleted) where the stored event time is
+    older or absent, atomically per entity (write_newest); returns, per entity, whether it was written."""
+    client = store._get_provider().online_store._get_client(store.config.online_store)
+    writes = []
+    for entity_id, row in zip(ids, rows):
+        hashed = dict(zip(row.fields, _hash_fields(view_name, tuple(row.fields))))
+        writes.append(NewestWrite(
+            _redis_key_of(store.config.project, join_key, entity_id), f"_ts:{view_name}",
+            Timestamp.FromString(row.event_time),
+            delete=[hashed[f] for f, v in row.fields.items() if v is None],
+            set={hashed[f]: v for f, v in row.fields.items() if v is not None}))
+    return write_newest(client, writes)
+
+
+def float_list_bytes(vector: np.ndarray) -> bytes:
+    """A vector as the Value bytes Feast stores for an Array(Float32) feature."""
+    return Value(float_list_val={"val": np.asarray(vector, dtype=np.float32).tolist()}).SerializeToString()
+
+
+def string_bytes(text: str) -> bytes:
+    return Value(string_val=text).SerializeToString()
+
+
+def int64_bytes(number: int) -> bytes:
+    return Value(int64_val=number).SerializeToString()
+
+
+def delete_project_keys(store: FeatureStore, page: int = 1000) -> int:
+    """Delete every Redis key of the store's project (a version no longer served); returns how many."""
+    client = store._get_provider().online_store._get_client(store.config.online_store)
+    suffix = store.config.project.encode()
+    deleted, cursor = 0, 0
+    while True:
+        cursor, keys = client.scan(cursor, match=b"*" + suffix, count=page)
+        # Only keys that end in exactly our project after a serialized entity key: another project's name may end
+        # with ours, and deserializing tells them apart.
+        ours = [key for key in keys if _entity_of(key, store.config.project) is not None]
+        if ours:
+            deleted += client.delete(*ours)
+        if cursor == 0:
+            return deleted
+
+
+def _entity_of(key: bytes, project: str) -> EntityKey | None:
+    """The entity of a Redis key of this project; None for a key of another project whose name ends with ours."""
+    from feast.infra.key_encoding_utils import deserialize_entity_key
+    from feast.infra.online_stores.helpers import _redis_key
+
+    try:
+        entity = deserialize_entity_key(key[: -len(project.encode())], ENTITY_KEY_SERIALIZATION)
+    except Exception:
+        return None
+    return entity if _redis_key(project, entity, ENTITY_KEY_SERIALIZATION) == key else None

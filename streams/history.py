@@ -67,8 +67,9 @@ def from_topics(settings: Settings, idle_seconds: float = 2.0, patience_seconds:
     """Everything the broker still holds on item-uploads and user-actions, as training rows.
 
     A topic is read until every partition has reached the end offset the broker reported at the start
-    and nothing more arrived for idle_seconds; or, if a partition stays short of its end (a broker that
-    misreports end offsets), once nothing arrived for patience_seconds.
+    and nothing more arrived for idle_seconds (0: at once, what is read of a topic still being written to
+    is what it held at the start); or, if a partition stays short of its end (a broker that misreports end
+    offsets), once nothing arrived for patience_seconds.
     """
     check_codecs()  # the worker refuses to start without every codec; so does this
     uploads = asyncio.run(_read_topic(settings, ITEM_TOPIC, idle_seconds, patience_seconds))
@@ -157,8 +158,7 @@ async def _read_to_end(consumer, topic: str, numbers: list[int], idle_seconds: f
             records[partition] += messages
         if any(batches.values()):
             quiet_since = time.monotonic()
-            continue
-        quiet = time.monotonic() - quiet_since
+        quiet = time.monotonic() - quiet_since  # idle_seconds 0: stop at the ends, however busy the topic
         positions = {p: (await consumer.position(p), ends[p]) for p in partitions}
         short = {p: at for p, at in positions.items() if at[0] < at[1]}
         if not short and quiet >= idle_seconds:

@@ -21,12 +21,11 @@ import pandas as pd
 
 from coldstart import metrics
 from coldstart import store as feast_store
-from coldstart.config import ITEM_PUSH_SOURCE, ITEM_VIEW, Settings
-from encoders.content import OnnxContentEncoder
+from coldstart.config import ITEM_PUSH_SOURCE, ITEM_VIEW
 from encoders.export_format import read_encoder_metadata
 from encoders.text import item_text
-from encoders.towers import load_towers
 from streams.keys import Forwarder
+from streams.models import ServedVersions, VersionModels
 from streams.records import ItemEmbedding, ItemUpload
 from streams.sinks import OfflineBuffer, retry_forever
 from streams.validation import InvalidEvent, parse_item_upload
@@ -34,25 +33,15 @@ from streams.validation import InvalidEvent, parse_item_upload
 log = logging.getLogger(__name__)
 
 
-class ItemModels:
-    """What the agent needs loaded once: the encoder, the towers and the feature store."""
-
-    def __init__(self, settings: Settings):
-        self.encoder = OnnxContentEncoder(settings.encoder_export_dir, precision=settings.encoder_precision,
-                                          threads=settings.onnx_session_threads)
-        self.towers = load_towers(settings.towers_dir, settings.encoder_name, settings.onnx_session_threads)
-        self.version = f"{self.encoder.version}+{self.towers.version}"
-        self.store = feast_store.open_store(settings)
-        self.offline = feast_store.offline_table(self.store, ITEM_VIEW)
-        log.info("item agent ready: %s on %s", self.version, self.encoder.provider)
-
-    def encode(self, items: list[ItemUpload]) -> tuple[np.ndarray, np.ndarray]:
-        """(content embeddings (B, D_content), item vectors (B, D))."""
+def encode(version: VersionModels, items: list[ItemUpload], content: dict) -> np.ndarray:
+    """Item vectors of one version; the content embeddings are computed once per encoder and kept in
+    `content` (encoder id → (B, D_content)) for the batch's other versions."""
+    if id(version.encoder) not in content:
         texts = [item_text(i.title, i.description, i.category, i.brand, i.tags, i.price) for i in items]
         with metrics.ENCODER_SECONDS.time():
-            content = self.encoder.encode(texts)
-        with metrics.TOWER_SECONDS.labels("item").time():
-            return content, self.towers.item_vectors(content, [i.item_id for i in items])
+            content[id(version.encoder)] = version.encoder.encode(texts)
+    with metrics.TOWER_SECONDS.labels("item").time():
+        return version.towers.item_vectors(content[id(version.encoder)], [i.item_id for i in items])
 
 
 def register(app) -> None:
@@ -63,10 +52,12 @@ def register(app) -> None:
 
     @app.agent(app.item_uploads_topic)
     async def encode_items(stream):
-        # Loaded in the model thread while the consumer joins its group.
-        models = await asyncio.get_running_loop().run_in_executor(app.model_executor, ItemModels, settings)
-        app.models_loaded("items", models, models.version, models.encoder.provider)
-        offline = OfflineBuffer(stream, models.offline, settings.offline_flush_seconds)
+        # Loaded while the consumer joins its group; later, one Redis GET of the rollout state per batch.
+        served = ServedVersions(settings)
+        (active, *_) = await asyncio.to_thread(served.current)
+        app.models_loaded("items", active, active.item_version, active.encoder.provider)
+        log.info("item agent ready: %s on %s", active.item_version, active.encoder.provider)
+        offline = OfflineBuffer(stream, active.item_offline, settings.offline_flush_seconds)
         app.offline_buffers.append(offline)
         async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_ms / 1000):
             metrics.MICRO_BATCH_EVENTS.labels("items").observe(len(events))
@@ -84,37 +75,45 @@ def register(app) -> None:
             valid += await forwarder.forward_pending()
             uploads = [item for item in valid if not item.deleted]
             removals = [item for item in valid if item.deleted]
-            # Either order is right: the online store keeps whichever of an upload and a removal is newer.
-            frames = ([await write_embeddings(app, models, uploads)] if uploads else []) + (
-                [await write_removals(app, models, removals)] if removals else [])
+            content: dict = {}
+            versions = await asyncio.to_thread(served.current)
+            written = []
+            while versions:  # a version the state gained while this batch was written gets it too (streams.models)
+                for version in versions:
+                    # Either order is right: the online store keeps whichever of an upload and a removal is newer.
+                    frames = ([await write_embeddings(app, version, uploads, content)] if uploads else []) + (
+                        [await write_removals(app, version, removals)] if removals else [])
+                    offline.add(pd.concat(frames) if frames else None, [], version.item_offline)
+                written += versions
+                versions = await asyncio.to_thread(served.added_since, written)
             metrics.observe_since(metrics.UPLOAD_TO_ONLINE, sent_at)
-            offline.add(pd.concat(frames) if frames else None, list(events))
+            offline.add(None, list(events))
             await offline.flush()
 
 
-async def write_embeddings(app, models: ItemModels, items: list[ItemUpload]):
-    content, vectors = await asyncio.get_running_loop().run_in_executor(app.model_executor, models.encode, items)
+async def write_embeddings(app, version: VersionModels, items: list[ItemUpload], content: dict):
+    vectors = await asyncio.get_running_loop().run_in_executor(app.model_executor, encode, version, items, content)
     frame = feast_store.item_embedding_frame(
-        [i.item_id for i in items], vectors, content, [i.title[:200] for i in items], [i.category for i in items],
-        models.version, [i.uploaded_at for i in items],
+        [i.item_id for i in items], vectors, content[id(version.encoder)], [i.title[:200] for i in items],
+        [i.category for i in items], version.item_version, [i.uploaded_at for i in items],
     )
-    await retry_forever("online write", feast_store.push_online, models.store, ITEM_PUSH_SOURCE, frame)
+    await retry_forever("online write", feast_store.push_online, version.store, ITEM_PUSH_SOURCE, frame)
     for item, vector in zip(items, vectors):
         await app.item_embeddings_topic.send(
             key=item.item_id.encode(),
-            value=ItemEmbedding(item_id=item.item_id, vector=vector.tolist(), model_version=models.version,
-                                event_time=item.uploaded_at, category=item.category),
+            value=ItemEmbedding(item_id=item.item_id, vector=vector.tolist(), model_version=version.item_version,
+                                event_time=item.uploaded_at, category=item.category, version=version.name),
         )
     return frame
 
 
-async def write_removals(app, models: ItemModels, items: list[ItemUpload]):
+async def write_removals(app, version: VersionModels, items: list[ItemUpload]):
     ids, times = [i.item_id for i in items], [i.uploaded_at for i in items]
-    await retry_forever("online removal", feast_store.delete_online, models.store, ITEM_VIEW, "item_id", ids, times)
+    await retry_forever("online removal", feast_store.delete_online, version.store, ITEM_VIEW, "item_id", ids, times)
     for item in items:  # published even where an upload was newer: each replica applies newest-wins itself
         await app.item_embeddings_topic.send(
             key=item.item_id.encode(),
-            value=ItemEmbedding(item_id=item.item_id, vector=[], model_version=models.version,
-                                event_time=item.uploaded_at, deleted=True),
+            value=ItemEmbedding(item_id=item.item_id, vector=[], model_version=version.item_version,
+                                event_time=item.uploaded_at, deleted=True, version=version.name),
         )
-    return feast_store.item_removal_frame(ids, models.version, times)
+    return feast_store.item_removal_frame(ids, version.item_version, times)

@@ -32,6 +32,7 @@ class ItemEmbedding(faust.Record, serializer="json", isodates=True):
     event_time: datetime
     category: str = ""  # for retrieval filters
     deleted: bool = False
+    version: str = "default"  # the model version (coldstart.rollout) whose Feast project holds the vector
 
 
 class DeadLetter(faust.Record, serializer="json", isodates=True):

@@ -61,16 +61,17 @@ class OfflineBuffer:
         self.stream = stream
         self.table = table
         self.flush_seconds = flush_seconds
-        self.frames: list[pd.DataFrame] = []
+        self.frames: list[tuple[OfflineTable, pd.DataFrame]] = []
         self.events: list = []
         self.oldest = time.monotonic()
         self.lock = asyncio.Lock()
 
-    def add(self, frame: pd.DataFrame | None, events: list) -> None:
+    def add(self, frame: pd.DataFrame | None, events: list, table: OfflineTable | None = None) -> None:
+        """Rows for `table` (default: the buffer's own; another model version's during a rollout)."""
         if not self.events:
             self.oldest = time.monotonic()
         if frame is not None and len(frame):
-            self.frames.append(frame)
+            self.frames.append((table or self.table, frame))
         self.events.extend(events)
 
     async def flush(self, force: bool = False) -> None:
@@ -79,7 +80,8 @@ class OfflineBuffer:
                 return
             frames, events = self.frames, self.events
             self.frames, self.events = [], []
-            if frames:
-                await retry_forever("offline write", self.table.write, pd.concat(frames))
+            tables = {id(table): table for table, _ in frames}  # one part file per table
+            for key, table in tables.items():
+                await retry_forever("offline write", table.write, pd.concat([f for t, f in frames if id(t) == key]))
             for event in events:
                 await self.stream.ack(event)

@@ -28,10 +28,10 @@ import pandas as pd
 
 from coldstart import metrics
 from coldstart import store as feast_store
-from coldstart.config import USER_PUSH_SOURCE, USER_VIEW, Settings
-from encoders.towers import load_towers
+from coldstart.config import USER_PUSH_SOURCE
 from streams import patches
 from streams.keys import Forwarder
+from streams.models import ServedVersions, VersionModels
 from streams.records import HistoryEntry, UserAction, UserHistory, WaitingItems
 from streams.sinks import OfflineBuffer, retry_forever
 from streams.validation import POSITIVE_ACTIONS, InvalidEvent, parse_user_action
@@ -63,32 +63,24 @@ class ContentEmbeddings:
         return found
 
 
-class UserModels:
-    def __init__(self, settings: Settings):
-        self.towers = load_towers(settings.towers_dir, settings.encoder_name, settings.onnx_session_threads)
-        self.store = feast_store.open_store(settings)
-        self.content = ContentEmbeddings(self.store)
-        self.offline = feast_store.offline_table(self.store, USER_VIEW)
-        log.info("user agent ready: towers %s, history of %d", self.towers.version, settings.user_history_length)
+def user_vectors(version: VersionModels, histories: dict[str, list[HistoryEntry]], found: dict[str, np.ndarray]):
+    """One version's vectors for users with at least one known item; and, per user, the item ids still unknown.
 
-    def user_vectors(self, histories: dict[str, list[HistoryEntry]], content: dict[str, np.ndarray]):
-        """Vectors for users with at least one known item; and, per user, the item ids still unknown.
-
-        content: the content embeddings of the histories' items the online store has (ContentEmbeddings.get).
-        """
-        users, inputs, input_ids, unknown = [], [], [], {}
-        for user_id, entries in histories.items():
-            missing = {e.item_id for e in entries if e.item_id not in content}
-            if missing:
-                unknown[user_id] = missing
-            known = [e.item_id for e in entries if e.item_id in content]
-            if known:
-                users.append(user_id)
-                inputs.append(np.stack([content[i] for i in known]))  # (n, D_content), oldest first
-                input_ids.append(known)
-        with metrics.TOWER_SECONDS.labels("user").time():
-            vectors = self.towers.user_vectors(inputs, input_ids) if inputs else np.zeros((0, 0), np.float32)
-        return users, [len(i) for i in inputs], vectors, unknown
+    found: the content embeddings of the histories' items the version's online store has (ContentEmbeddings.get).
+    """
+    users, inputs, input_ids, unknown = [], [], [], {}
+    for user_id, entries in histories.items():
+        missing = {e.item_id for e in entries if e.item_id not in found}
+        if missing:
+            unknown[user_id] = missing
+        known = [e.item_id for e in entries if e.item_id in found]
+        if known:
+            users.append(user_id)
+            inputs.append(np.stack([found[i] for i in known]))  # (n, D_content), oldest first
+            input_ids.append(known)
+    with metrics.TOWER_SECONDS.labels("user").time():
+        vectors = version.towers.user_vectors(inputs, input_ids) if inputs else np.zeros((0, 0), np.float32)
+    return users, [len(i) for i in inputs], vectors, unknown
 
 
 def register(app) -> None:
@@ -106,7 +98,13 @@ def register(app) -> None:
     )
     for table in (user_histories, waiting_items):
         patches.key_changelog_like_the_input(table)
-    loaded: list[UserModels] = []  # the agent's models, once loaded (the timer waits for them)
+    served = ServedVersions(settings, with_encoder=False)
+    contents: dict[str, ContentEmbeddings] = {}  # per version: its own content embeddings (its encoder's)
+    loaded: list[VersionModels] = []  # the active version once loaded (the timer waits for it)
+
+    def content_of(version: VersionModels) -> ContentEmbeddings:
+        return contents.setdefault(version.name, ContentEmbeddings(version.store))
+
     forwarder = Forwarder(app.user_actions_topic, "user_id", settings.topic_partitions)
 
     def record_action(action: UserAction) -> None:
@@ -131,44 +129,57 @@ def register(app) -> None:
             elif not now and before is not None:
                 del waiting_items[user_id]
 
-    async def recompute(models: UserModels, user_ids: set[str]):
-        """New vectors for these users, pushed online; returns the offline frame (or None).
+    async def recompute(user_ids: set[str]) -> list[tuple]:
+        """New vectors for these users in every version the state names for users, pushed online; returns the
+        offline rows as (table, frame) pairs. A version the state gains meanwhile gets them too (streams.models).
 
         In micro-batches of COLDSTART_BATCH_SIZE users: a film that arrives can make hundreds of waiting users
         due at once, and one tower call and push for all of them held the model thread (which the item agent
         shares) for up to a second, so fresh items waited behind it. Between micro-batches, item batches go first.
         """
         ordered = sorted(user_ids)
-        frames = [frame for start in range(0, len(ordered), settings.batch_size)
-                  if (frame := await recompute_batch(models, ordered[start : start + settings.batch_size])) is not None]
-        return pd.concat(frames, ignore_index=True) if frames else None
+        rows, written = [], []
+        versions = await asyncio.to_thread(served.current, True)
+        while versions:
+            for version in versions:
+                frames = [frame for start in range(0, len(ordered), settings.batch_size)
+                          if (frame := await recompute_batch(version, ordered[start : start + settings.batch_size],
+                                                             track_waiting=not written and version is versions[0]))
+                          is not None]
+                if frames:
+                    rows.append((version.user_offline, pd.concat(frames, ignore_index=True)))
+            written += versions
+            versions = await asyncio.to_thread(served.added_since, written, True)
+        return rows
 
-    async def recompute_batch(models: UserModels, user_ids: list[str]):
+    async def recompute_batch(version: VersionModels, user_ids: list[str], track_waiting: bool):
         histories = {u: list(user_histories[u].entries) for u in user_ids}
         # An online store (or a cluster master) down: wait and retry, as writes do, rather than crash the agent.
-        content = await retry_forever("content read", models.content.get,
-                                      {e.item_id for entries in histories.values() for e in entries})
+        found = await retry_forever("content read", content_of(version).get,
+                                    {e.item_id for entries in histories.values() for e in entries})
         users, lengths, vectors, unknown = await asyncio.get_running_loop().run_in_executor(
-            app.model_executor, models.user_vectors, histories, content
+            app.model_executor, user_vectors, version, histories, found
         )
-        update_waiting(unknown, set(user_ids))
+        if track_waiting:  # the active version's view of which items are still unknown
+            update_waiting(unknown, set(user_ids))
         if not users:
             return None
         # Stamped with the time of computation: the table holds the whole history in event-time
         # order, so a later computation always knows at least as much as an earlier one.
         now = datetime.now(timezone.utc)
         seen = [[e.item_id for e in histories[u]] for u in users]  # retrieval leaves these out
-        frame = feast_store.user_embedding_frame(users, vectors, lengths, seen, models.towers.version,
+        frame = feast_store.user_embedding_frame(users, vectors, lengths, seen, version.towers.version,
                                                  [now] * len(users))
-        await retry_forever("online write", feast_store.push_online, models.store, USER_PUSH_SOURCE, frame)
+        await retry_forever("online write", feast_store.push_online, version.store, USER_PUSH_SOURCE, frame)
         return frame
 
     @app.agent(app.user_actions_topic)
     async def update_users(stream):
-        models = await asyncio.get_running_loop().run_in_executor(app.model_executor, UserModels, settings)
-        loaded.append(models)
-        app.models_loaded("users", models, models.towers.version, models.towers.provider)
-        offline = OfflineBuffer(stream, models.offline, settings.offline_flush_seconds)
+        (active, *_) = await asyncio.to_thread(served.current, True)
+        loaded.append(active)
+        app.models_loaded("users", active, active.towers.version, active.towers.provider)
+        log.info("user agent ready: towers %s, history of %d", active.towers.version, settings.user_history_length)
+        offline = OfflineBuffer(stream, active.user_offline, settings.offline_flush_seconds)
         app.offline_buffers.append(offline)
         async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_ms / 1000):
             metrics.MICRO_BATCH_EVENTS.labels("users").observe(len(events))
@@ -191,9 +202,10 @@ def register(app) -> None:
             # A replayed action recomputes its user too: the worker that recorded it (the changelog has it) may
             # have stopped before pushing the vector, and the history alone would then never reach the store.
             touched = {a.user_id for a in positive}
-            frame = await recompute(models, touched) if touched else None
+            for table, frame in (await recompute(touched) if touched else []):
+                offline.add(frame, [], table)
             metrics.observe_since(metrics.ACTION_TO_USER_VECTOR, sent_at)
-            offline.add(frame, list(events))
+            offline.add(None, list(events))
             await offline.flush()
 
     @app.timer(interval=1.0)
@@ -204,10 +216,10 @@ def register(app) -> None:
         waiting = {user_id: value.deadlines for user_id, value in list(waiting_items.items()) if value is not None}
         if not waiting:
             return
-        models = loaded[0]
+        (active, *_) = await asyncio.to_thread(served.current, True)
         now = time.time()
         still_unknown = {i for items in waiting.values() for i in items}
-        arrived = set(await asyncio.to_thread(models.content.get, still_unknown))
+        arrived = set(await asyncio.to_thread(content_of(active).get, still_unknown))
         ready = set()
         for user_id, deadlines in waiting.items():
             expired = {i for i, deadline in deadlines.items() if deadline <= now and i not in arrived}
@@ -216,9 +228,8 @@ def register(app) -> None:
             if expired or arrived & set(deadlines):
                 ready.add(user_id)
         if ready:
-            frame = await recompute(models, ready)
-            if frame is not None:
-                await retry_forever("offline write", models.offline.write, frame)
+            for table, frame in await recompute(ready):
+                await retry_forever("offline write", table.write, frame)
 
     async def give_up_on(user_id: str, item_ids: set[str]) -> None:
         """Remove actions on never-uploaded items from the history, each with a dead letter."""

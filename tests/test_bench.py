@@ -60,3 +60,12 @@ def test_bench_retrieve_reports_the_machine_readable_fields():
     assert summary["items"] == 3000 and 0 <= summary["recall_at_100"] <= 1
     beams = [row["expansion_search"] for row in summary["beams"]]
     assert beams == sorted({32, 64, summary["expansion_search"]})  # the configured beam's row is the summary's
+
+
+def test_bench_rollout_reports_backfill_speed_switch_time_and_no_mixed_or_lost_events():
+    summary = run_bench("rollout", "--items", "300", "--users", "40", "--history", "5", "--rate", "4", "--page", "100")
+    assert summary["items"] >= 300 and summary["users"] >= 40
+    for key in ("backfill_items_per_s", "backfill_items_per_s_with_encoder", "users_per_s", "switch_s", "rollback_s"):
+        assert summary[key] > 0, key
+    assert summary["rollback_instant"] is True
+    assert summary["mixed_version_responses"] == 0 and summary["lost_events"] == 0

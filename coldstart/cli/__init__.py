@@ -30,6 +30,7 @@ class CommandsByModule(click.Group):
     MODULE_COMMANDS = {
         "coldstart.cli.model": ("export", "data", "train", "evaluate", "export-towers"),
         "coldstart.dev.bench": ("bench",),
+        "coldstart.cli.versions": ("model",),
     }
 
     def list_commands(self, ctx):

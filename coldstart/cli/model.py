@@ -253,9 +253,12 @@ def evaluate(settings: Settings, config_name: str, extras: tuple[str, ...], sasr
               help="Which trained checkpoint to export ('loo' has trained on every item).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Export folder (default: COLDSTART_TOWERS_DIR, else COLDSTART_ONNX_DIR/towers).")
+@data_options
 @click.pass_obj
-def export_towers(settings: Settings, config_name: str, protocol: str, out_dir: Path | None) -> None:
-    """Write the user and item towers to ONNX (+ towers.json) and check parity with torch.
+def export_towers(settings: Settings, config_name: str, protocol: str, out_dir: Path | None, data_path: Path | None,
+                  skip_bad_rows: bool) -> None:
+    """Write the user and item towers to ONNX (+ towers.json), check parity with torch, and register them as a
+    model version (`coldstart model list`).
 
     Trains the config first if it has no checkpoint; does nothing if out_dir already holds this checkpoint's towers.
     towers.json records the split (which items a 'cold' export never trained on) and the towers' offline test
@@ -271,12 +274,15 @@ def export_towers(settings: Settings, config_name: str, protocol: str, out_dir: 
     paths = _paths(settings)
     config = _config(config_name)
     out_dir = out_dir or settings.towers_dir
-    loaded, _ = load_dataset(paths)
+    with _data_errors():
+        loaded, _ = load_dataset(paths, data_path, skip_bad_rows)
     run_dir = paths.run_dir(loaded.name, config, protocol)
     checkpoint = run_dir / CHECKPOINT
-    if (current_history(config, run_dir) is not None and checkpoint.exists()
+    history = current_history(config, run_dir, loaded if data_path else None)
+    if (history is not None and checkpoint.exists()
             and is_current(out_dir, config.name, protocol, file_sha256(checkpoint))):
         click.echo(f"towers up to date ({config.name} [{protocol}] from {checkpoint} in {out_dir})")
+        _register(settings, out_dir, history.get("data"))
         return
     content = content_embeddings(loaded.item_texts, encoder_config(config.encoder), paths.content_cache)
     split = make_split(loaded, protocol, config.cold_fraction, config.seed)
@@ -292,6 +298,17 @@ def export_towers(settings: Settings, config_name: str, protocol: str, out_dir: 
     if worst < 0.999:
         (out_dir / TOWERS_METADATA).unlink()  # not current: the next run exports again
         raise click.ClickException(f"ONNX towers disagree with torch (min cosine {worst:.6f} < 0.999)")
+    _register(settings, out_dir, run.history.get("data"))
+
+
+def _register(settings: Settings, towers_dir: Path, data_digest: str | None) -> None:
+    """Add exported towers to the model-version registry (nothing to do if they are registered already)."""
+    from encoders import versions
+
+    version, new = versions.register(settings.registry_dir, towers_dir, settings.encoder_export_dir,
+                                     settings.encoder_precision, data_digest)
+    click.echo(f"model version {version.name} {'registered' if new else 'already registered'} in "
+               f"{settings.registry_dir} (`coldstart model promote {version.name}` serves it)")
 
 
 COMMANDS = [export, data, train, evaluate, export_towers]
