@@ -70,7 +70,7 @@ class RolloutState:
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url)
+    return feast_store.redis_client(settings.redis_url)  # REDIS_URL: one Redis or a cluster (coldstart.store)
 
 
 def state_key(settings: Settings) -> str:
