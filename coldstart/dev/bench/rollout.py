@@ -25,6 +25,7 @@ project once the traffic stopped (after a wait for the worker to catch up).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -48,6 +49,8 @@ from coldstart.dev.load import item_event, new_producer, send_action, send_item
 from coldstart.dev.stack import FeatureServerProcess, fresh_stack
 from encoders import versions
 from encoders.export_format import TOWERS_METADATA, read_encoder_metadata
+
+log = logging.getLogger(__name__)
 
 
 @click.command("rollout")
@@ -216,9 +219,16 @@ def _seed_synthetic(stack, count: int, users: int, history: int) -> dict[str, li
         frame = feast_store.user_embedding_frame(page, vectors, [history] * len(page), [histories[u] for u in page],
                                                  towers.version, [now] * len(page))
         feast_store.push_online(stack.store, USER_PUSH_SOURCE, frame)
-    # The worker's user histories (faust table) know nothing of these users: their live clicks start new
-    # histories, which hold only the live clicks. Live traffic therefore clicks on the films of new users.
-    return {f"live-user-{u}": [ids[i] for i in rng.integers(0, count, size=3)] for u in range(20)}
+    # The worker's user histories (faust table) know nothing of these users: live traffic clicks as users of
+    # its own, each starting with three clicks sent through Kafka (what the lost-events check expects them to hold).
+    live = {f"live-user-{u}": [ids[i] for i in rng.integers(0, count, size=3)] for u in range(20)}
+    producer = new_producer(settings)
+    for user_id, liked in live.items():
+        for k, item_id in enumerate(liked):
+            send_action(producer, user_id, item_id, occurred_at=now + timedelta(seconds=k))
+    producer.flush()
+    producer.close()
+    return live
 
 
 def _content(store, item_ids: set[str]) -> dict[str, np.ndarray]:
@@ -349,6 +359,11 @@ class LiveTraffic:
             missing_clicks = sum(len(set(h[-self.settings.user_history_length :]) - set(s or ()))
                                  for h, s in zip(self.histories.values(), seen))
             if missing_items + missing_clicks == 0 or time.monotonic() > deadline:
+                if missing_items + missing_clicks:
+                    log.warning("lost in %s: %d uploads, %d clicks (%s)", store.config.project, missing_items,
+                                missing_clicks, {u: sorted(set(h[-self.settings.user_history_length :]) - set(s or ()))
+                                                 for u, h, s in zip(self.histories, self.histories.values(), seen)
+                                                 if set(h[-self.settings.user_history_length :]) - set(s or ())})
                 return missing_items + missing_clicks
             time.sleep(1)
 
