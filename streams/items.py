@@ -85,7 +85,7 @@ def register(app) -> None:
                         [await write_removals(app, version, removals)] if removals else [])
                     offline.add(pd.concat(frames) if frames else None, [], version.item_offline)
                 written += versions
-                versions = await asyncio.to_thread(served.added_since, written)
+                versions = await retry_forever("rollout state read", served.added_since, written)
             metrics.observe_since(metrics.UPLOAD_TO_ONLINE, sent_at)
             offline.add(None, list(events))
             await offline.flush()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import redis
+
 from coldstart import rollout
 from coldstart import store as feast_store
 from coldstart.config import ITEM_VIEW, USER_VIEW, Settings
@@ -52,11 +54,21 @@ class ServedVersions:
         self.client = rollout.redis_client(settings)
         self.loaded: dict[str, VersionModels] = {}
         self.encoders: dict[tuple[str, str], OnnxContentEncoder] = {}  # (export folder, precision) → encoder
+        self.last_state: rollout.RolloutState | None = None
 
     def current(self, users: bool = False) -> list[VersionModels]:
         """The versions to write items (or users) to now, the active one first. Blocking: one Redis GET,
         and the first time a version is named, loading it."""
-        state = rollout.read_state(self.client, self.settings)
+        try:
+            state = self.last_state = rollout.read_state(self.client, self.settings)
+        except redis.RedisError as err:
+            if self.last_state is None:
+                raise
+            # The state lives in the online store's Redis: while it cannot be read, nobody can change it, and the
+            # batch's writes wait for Redis (retried); the re-read before the commit (added_since, retried) then
+            # catches a change made before the outage.
+            log.warning("rollout state unreadable (%s); using the last one read", err)
+            state = self.last_state
         return [self.load(name) for name in (state.serving_users if users else state.serving)]
 
     def added_since(self, written: list[VersionModels], users: bool = False) -> list[VersionModels]:

@@ -149,7 +149,7 @@ def register(app) -> None:
                 if frames:
                     rows.append((version.user_offline, pd.concat(frames, ignore_index=True)))
             written += versions
-            versions = await asyncio.to_thread(served.added_since, written, True)
+            versions = await retry_forever("rollout state read", served.added_since, written, True)
         return rows
 
     async def recompute_batch(version: VersionModels, user_ids: list[str], track_waiting: bool):

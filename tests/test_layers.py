@@ -52,13 +52,16 @@ def calls_from_env(source: str) -> bool:
 
 
 def test_settings_are_read_from_the_environment_only_at_the_edge():
-    """Settings.from_env only at the edges (the command line, `coldstart.retrieve`); nothing assigns os.environ."""
+    """Settings.from_env only at the edges (the command line, `coldstart.retrieve`); nothing below the command
+    line assigns os.environ (the command line clears prometheus_client's multi-process variables: coldstart.metrics)."""
     readers, writers = [], []
     for path in source_files():
         text = path.read_text()
         relative = path.relative_to(PROJECT_ROOT).as_posix()
         if calls_from_env(text) and relative not in ("coldstart/cli/__init__.py", "coldstart/__init__.py"):
             readers.append(relative)
+        if relative == "coldstart/cli/__init__.py":
+            continue
         if re.search(r"os\.environ\[[^\]]+\]\s*=|os\.environ\.(update|pop)\(|putenv\(", text):
             writers.append(relative)
     assert readers == [] and writers == []
