@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +36,51 @@ USER_PUSH_SOURCE = "user_embeddings_push_source"
 ITEM_VIEW = "item_embedding"
 USER_VIEW = "user_embedding"
 RANKING_SERVICE = "ranking_v1"
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where the online store is, from REDIS_URL: one Redis, or a Redis Cluster's seed nodes.
+
+    redis://[user:password@]host:port/db (rediss:// with TLS), or for a cluster
+    redis+cluster://[user:password@]host:port,host:port,... (rediss+cluster:// with TLS):
+    any reachable node is enough, the client discovers the others. A cluster has only db 0.
+    """
+
+    nodes: tuple[tuple[str, int], ...]
+    cluster: bool = False
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    ssl: bool = False
+
+
+REDIS_SCHEMES = {"redis": (False, False), "rediss": (False, True), "redis+cluster": (True, False),
+                 "rediss+cluster": (True, True)}  # scheme → (cluster, ssl)
+
+
+def parse_redis_url(redis_url: str) -> RedisTarget:
+    scheme, sep, rest = redis_url.partition("://")
+    if not sep or scheme not in REDIS_SCHEMES:
+        raise ValueError(f"REDIS_URL must start with {', '.join(s + '://' for s in REDIS_SCHEMES)}; "
+                         f"got {redis_url.split('://')[0]!r}")  # not the whole URL: it may hold a password
+    cluster, ssl = REDIS_SCHEMES[scheme]
+    netloc, _, path = rest.partition("/")
+    credentials, _, hosts = netloc.rpartition("@")
+    username, _, password = credentials.partition(":")
+    nodes = []
+    for host in hosts.split(","):
+        url = urlparse(f"redis://{host}")  # one host:port at a time: urlparse reads only one
+        nodes.append((url.hostname or "127.0.0.1", url.port or 6379))
+    if len(nodes) > 1 and not cluster:
+        raise ValueError(f"REDIS_URL names several hosts: a Redis Cluster is {scheme}+cluster://host:port,host:port")
+    db = int(path or "0") if (path or "0").isdigit() else None
+    if db is None or (cluster and db != 0):
+        raise ValueError(f"REDIS_URL's database must be a number{' (0 on a cluster)' if cluster else ''}, got {path!r}")
+    for name, value in (("username", username), ("password", password)):
+        if "," in unquote(value):  # Feast splits its connection string on commas
+            raise ValueError(f"the Redis {name} must not contain ','")
+    return RedisTarget(tuple(nodes), cluster, db, unquote(username) or None, unquote(password) or None, ssl)
 
 
 @dataclass(frozen=True)
@@ -89,6 +135,7 @@ class Settings:
         return cls(**values)
 
     def __post_init__(self):
+        parse_redis_url(self.redis_url)  # ValueError naming what is wrong with REDIS_URL
         if self.profile not in ("dev", "prod"):
             raise ValueError(f"COLDSTART_PROFILE must be 'dev' or 'prod', not {self.profile!r}")
         if self.onnx_threads < 0:

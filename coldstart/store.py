@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pandas as pd
@@ -44,55 +43,10 @@ from feast.repo_config import RepoConfig
 from feast.types import Array, Bool, Float32, Float64, Int64, String
 
 import feature_repo
-from coldstart.config import ITEM_VIEW, Settings
+from coldstart.config import ITEM_VIEW, Settings, parse_redis_url
 
 FEATURE_REPO = Path(feature_repo.__file__).resolve().parent
 ENTITY_KEY_SERIALIZATION = 3
-
-
-@dataclass(frozen=True)
-class RedisTarget:
-    """Where the online store is, from REDIS_URL: one Redis, or a Redis Cluster's seed nodes.
-
-    redis://[user:password@]host:port/db (rediss:// with TLS), or for a cluster
-    redis+cluster://[user:password@]host:port,host:port,... (rediss+cluster:// with TLS):
-    any reachable node is enough, the client discovers the others. A cluster has only db 0.
-    """
-
-    nodes: tuple[tuple[str, int], ...]
-    cluster: bool = False
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    ssl: bool = False
-
-
-REDIS_SCHEMES = {"redis": (False, False), "rediss": (False, True), "redis+cluster": (True, False),
-                 "rediss+cluster": (True, True)}  # scheme → (cluster, ssl)
-
-
-def parse_redis_url(redis_url: str) -> RedisTarget:
-    scheme, sep, rest = redis_url.partition("://")
-    if not sep or scheme not in REDIS_SCHEMES:
-        raise ValueError(f"REDIS_URL must start with {', '.join(s + '://' for s in REDIS_SCHEMES)}; "
-                         f"got {redis_url.split('://')[0]!r}")  # not the whole URL: it may hold a password
-    cluster, ssl = REDIS_SCHEMES[scheme]
-    netloc, _, path = rest.partition("/")
-    credentials, _, hosts = netloc.rpartition("@")
-    username, _, password = credentials.partition(":")
-    nodes = []
-    for host in hosts.split(","):
-        url = urlparse(f"redis://{host}")  # one host:port at a time: urlparse reads only one
-        nodes.append((url.hostname or "127.0.0.1", url.port or 6379))
-    if len(nodes) > 1 and not cluster:
-        raise ValueError(f"REDIS_URL names several hosts: a Redis Cluster is {scheme}+cluster://host:port,host:port")
-    db = int(path or "0") if (path or "0").isdigit() else None
-    if db is None or (cluster and db != 0):
-        raise ValueError(f"REDIS_URL's database must be a number{' (0 on a cluster)' if cluster else ''}, got {path!r}")
-    for name, value in (("username", username), ("password", password)):
-        if "," in unquote(value):  # Feast splits its connection string on commas
-            raise ValueError(f"the Redis {name} must not contain ','")
-    return RedisTarget(tuple(nodes), cluster, db, unquote(username) or None, unquote(password) or None, ssl)
 
 
 def redis_connection_string(redis_url: str) -> str:

@@ -15,7 +15,8 @@ from coldstart import store as feast_store
 from coldstart.dev.stack import FeatureServerProcess
 from coldstart.ranking import ranking_features
 from coldstart.retrieval import MAX_K
-from coldstart.store import parse_redis_url, redis_client, redis_connection_string, redis_layout
+from coldstart.config import Settings, parse_redis_url
+from coldstart.store import redis_client, redis_connection_string, redis_layout
 from tests.conftest import unique_id, upload, wait_readable
 from tests.test_retrieval import post, retrieved, wait_for
 from tests.test_retrieval import test_a_removal_survives_materialize as a_removal_survives_materialize
@@ -54,6 +55,8 @@ def test_redis_url_names_one_redis_or_a_cluster():
                         ("cluster://a:1", "must start with")]:
         with pytest.raises(ValueError, match=reason):
             parse_redis_url(bad)
+        with pytest.raises(ValueError, match=reason):  # refused when the settings are read, not at first use
+            Settings.from_env({"REDIS_URL": bad})
 
 
 def test_items_spread_over_every_master(cluster_stack, redis_cluster, films):

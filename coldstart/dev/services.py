@@ -18,7 +18,8 @@ from pathlib import Path
 
 import redis
 from coldstart.config import Settings
-from coldstart.store import parse_redis_url, redis_client
+from coldstart.config import parse_redis_url
+from coldstart.store import redis_client
 
 log = logging.getLogger(__name__)
 
