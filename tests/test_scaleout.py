@@ -35,7 +35,7 @@ from coldstart.dev.services import LocalRedis
 from coldstart.dev.stack import FeatureServerProcess, LocalStack, WorkerProcess
 from coldstart.dev.watchers import ReadabilityWatcher
 from tests.conftest import SETTINGS, unique_id, wait_readable
-from tests.test_reliability import expected_user_vector
+from tests.test_reliability import expected_user_vector, wait_until
 from tests.test_users import user_vector
 
 pytestmark = pytest.mark.scaleout
@@ -254,13 +254,6 @@ def test_http_server_metrics_and_readiness(group):
         assert total(samples, "coldstart_index_items") >= 1  # the items uploaded by the tests above
 
 
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout:.0f}s")
 
 
 def test_dashboard_and_scrape_config_name_what_the_service_exports():
