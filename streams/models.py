@@ -7,7 +7,7 @@ Feast project (coldstart.rollout). After its online writes an agent calls
 `added_since` (it re-reads the state): a version that appeared while the batch
 was processed gets the batch too, before the offsets are committed, so nothing
 a backfill might have read too early is lost (streams.rollout explains the
-order). Loading happens in the model thread, once per version.
+order). Loading happens off the event loop, once per version.
 """
 
 from __future__ import annotations
@@ -56,13 +56,14 @@ class ServedVersions:
         self.encoders: dict[tuple[str, str], OnnxContentEncoder] = {}  # (export folder, precision) → encoder
         self.last_state: rollout.RolloutState | None = None
 
-    def current(self, users: bool = False) -> list[VersionModels]:
+    def current(self, users: bool = False, fallback: bool = True) -> list[VersionModels]:
         """The versions to write items (or users) to now, the active one first. Blocking: one Redis GET,
-        and the first time a version is named, loading it."""
+        and the first time a version is named, loading it. With fallback, the last state read while Redis
+        cannot be read; without, the Redis error."""
         try:
             state = self.last_state = rollout.read_state(self.client, self.settings)
         except redis.RedisError as err:
-            if self.last_state is None:
+            if self.last_state is None or not fallback:
                 raise
             # The state lives in the online store's Redis: while it cannot be read, nobody can change it, and the
             # batch's writes wait for Redis (retried); the re-read before the commit (added_since, retried) then
@@ -72,9 +73,9 @@ class ServedVersions:
         return [self.load(name) for name in (state.serving_users if users else state.serving)]
 
     def added_since(self, written: list[VersionModels], users: bool = False) -> list[VersionModels]:
-        """Versions in the state now that the given writes did not cover."""
+        """Versions in the state now that the given writes did not cover: a fresh read (the caller retries it)."""
         names = {v.name for v in written}
-        return [v for v in self.current(users) if v.name not in names]
+        return [v for v in self.current(users, fallback=False) if v.name not in names]
 
     def load(self, name: str) -> VersionModels:
         if name not in self.loaded:
