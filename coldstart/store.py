@@ -33,7 +33,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from feast import Entity, FeatureService, FeatureStore, FeatureView, FileSource, OnDemandFeatureView, PushSource
-from feast.data_source import PushMode
 from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
@@ -217,8 +216,19 @@ def user_embedding_frame(user_ids, vectors, history_lengths, seen_item_ids, mode
 
 
 def push_online(store: FeatureStore, push_source: str, frame: pd.DataFrame) -> None:
-    """Write to Redis through Feast; an older event time never overwrites a newer one (NewestWinsRedisOnlineStore)."""
-    store.push(push_source, frame, to=PushMode.ONLINE)
+    """Write to Redis through Feast; an older event time never overwrites a newer one (NewestWinsRedisOnlineStore).
+
+    What `store.push(…, to=PushMode.ONLINE)` does, without its last step: Feast's push then lists the
+    feature services uncached, re-reading and parsing the registry file on every write (to refresh
+    precomputed service vectors, which this project does not use) — a worker writing many versions fell
+    behind on it (BENCHMARKS.md, rollout).
+    """
+    views = [view for view in store.list_feature_views(allow_cache=True)
+             if isinstance(view.stream_source, PushSource) and view.stream_source.name == push_source]
+    if not views:
+        raise ValueError(f"no feature view is fed by the push source {push_source!r} in project {store.project!r}")
+    for view in views:
+        store.write_to_online_store(view.name, frame, allow_registry_cache=True)
 
 
 def delete_online(store: FeatureStore, view_name: str, join_key: str, ids: list[str], event_times) -> list[bool]:

@@ -99,6 +99,18 @@ def test_two_writers_racing_on_the_same_items_leave_each_ones_newest_event(onlin
     assert {i: row["title"] for i, row in read.items()} == {i: t for i, (_, t) in newest.items() if t is not None}
 
 
+def test_a_push_reads_the_registry_from_its_cache(stack):
+    """Feast's own push re-reads the registry file after every write; a worker writing several model versions
+    fell behind on it (BENCHMARKS.md, rollout). The service's push keeps to the cached registry."""
+    store = feast_store.open_store(stack.settings)
+    now = datetime.now(timezone.utc)
+    feast_store.push_online(store, ITEM_PUSH_SOURCE, upload_frame([(unique_id("cached"), now, "first")]))
+    loaded_at = store.registry.cached_registry_proto_created
+    for n in range(3):
+        feast_store.push_online(store, ITEM_PUSH_SOURCE, upload_frame([(unique_id("cached"), now, f"t{n}")]))
+    assert store.registry.cached_registry_proto_created == loaded_at
+
+
 def upload_frame(uploads):
     count = len(uploads)
     return feast_store.item_embedding_frame(
