@@ -42,8 +42,12 @@ def log_since(worker: WorkerProcess, start: int) -> str:
 
 
 def wait_for_log(worker: WorkerProcess, start: int, text: str, timeout: float = 60) -> str:
-    """The worker's log since `start` once it contains `text`."""
-    return wait_until(lambda: text in (log := log_since(worker, start)) and log, timeout, f"log line {text!r}")
+    """The worker's log since `start` once it contains `text`; if it never does, the failure shows the log's tail."""
+    try:
+        return wait_until(lambda: text in (log := log_since(worker, start)) and log, timeout, f"log line {text!r}")
+    except AssertionError as missing:
+        tail = "\n".join(line[:300] for line in log_since(worker, start).splitlines()[-40:])
+        raise AssertionError(f"{missing}; the worker's log since then ({worker.log_path}) ends:\n{tail}") from None
 
 
 def log_size(worker: WorkerProcess) -> int:
