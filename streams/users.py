@@ -28,7 +28,7 @@ import pandas as pd
 
 from coldstart import metrics
 from coldstart import store as feast_store
-from coldstart.config import USER_PUSH_SOURCE
+from coldstart.config import ITEM_VIEW, USER_PUSH_SOURCE
 from streams import patches
 from streams.keys import Forwarder
 from streams.models import ServedVersions, VersionModels
@@ -44,6 +44,7 @@ class ContentEmbeddings:
 
     def __init__(self, store, ttl_seconds: float = 60, max_items: int = 50_000):
         self.store = store
+        self.view = feast_store.stored_view(store, ITEM_VIEW, ["content_embedding"])  # read raw: a worker's hot path
         self.ttl_seconds = ttl_seconds
         self.max_items = max_items
         self.cache: dict[str, tuple[float, np.ndarray]] = {}
@@ -53,11 +54,11 @@ class ContentEmbeddings:
         found = {i: v for i, (at, v) in ((i, self.cache[i]) for i in item_ids if i in self.cache) if now - at < self.ttl_seconds}
         missing = [i for i in item_ids if i not in found]
         if missing:
-            rows = feast_store.read_item_features(self.store, missing, features=("content_embedding",))
+            read = feast_store.online_read(self.store, self.view, missing)["content_embedding"]
+            rows = {i: v for i, v in zip(missing, read) if v is not None}  # None: never uploaded, or removed
             if len(self.cache) + len(rows) > self.max_items:
                 self.cache.clear()
-            for item_id, row in rows.items():
-                vector = np.asarray(row["content_embedding"], dtype=np.float32)
+            for item_id, vector in rows.items():
                 self.cache[item_id] = (now, vector)
                 found[item_id] = vector
         return found
