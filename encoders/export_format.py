@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ENCODER_FORMAT = 3  # 2: tokenizer.json read by `tokenizers`, pad_token_id in encoder.json; 3: int8 with static
-# activation scales (encoders.training.ceg.quantize_int8)
+ENCODER_FORMAT = 4  # 2: tokenizer.json read by `tokenizers`, pad_token_id in encoder.json; 3: int8 with static
+# activation scales; 4: every MatMul int8, outlier channels smoothed (encoders.training.quantize)
 ENCODER_METADATA = "encoder.json"
 ENCODER_ONNX = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 ENCODER_COMPLETE = ENCODER_ONNX["fp32"]  # written last by an export

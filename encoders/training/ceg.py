@@ -24,6 +24,7 @@ from encoders.export_format import (
     TOKENIZER_FILE,
     encoder_export_is_current,
 )
+from encoders.training.quantize import quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -147,65 +148,6 @@ def export_onnx(config: CEGConfig, out_dir: Path, calibration_texts: list[str]) 
     (out_dir / ENCODER_METADATA).write_text(json.dumps(metadata, indent=2))
     tmp_path.replace(onnx_path)  # last: a present model.onnx means a complete export
     return out_dir
-
-
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration_ids: list[list[int]],
-                  keep_down_projections_fp32: bool = True) -> None:
-    """int8 per output channel for the weights; int8 activations with one scale per tensor, calibrated once.
-
-    ORT's dynamic quantization (DynamicQuantizeLinear → MatMulInteger, which runs on VNNI) picks each
-    activation's scale from the batch it sees, so a text encoded alone and inside a batch came out different
-    (cosine down to 0.991) and the min cosine to fp32 fell to 0.984 at batch 32. Here every
-    DynamicQuantizeLinear becomes a QuantizeLinear with the scale and zero point of the activation's range
-    over `calibration_ids` (token ids, one text each): a vector no longer depends on its batch, and the
-    same integer kernels run. The feed-forward down-projections (weights wider in than out, whose inputs
-    carry the GELU outliers) stay fp32 unless told otherwise: all-int8 is faster but falls to a min cosine
-    of 0.986 on the catalogue (BENCHMARKS.md, encoder).
-    """
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper, numpy_helper
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    graph = onnx.load(str(fp32_path), load_external_data=False).graph
-    weight_shapes = {init.name: tuple(init.dims) for init in graph.initializer}
-    down_projections = [
-        node.name
-        for node in graph.node
-        if node.op_type == "MatMul"
-        and any(len(weight_shapes.get(i, ())) == 2 and weight_shapes[i][0] > weight_shapes[i][1] for i in node.input)
-    ] if keep_down_projections_fp32 else []
-    dynamic_path = int8_path.with_name(int8_path.name + ".dynamic.tmp")
-    quantize_dynamic(
-        str(fp32_path), str(dynamic_path), per_channel=True, weight_type=QuantType.QInt8,
-        nodes_to_exclude=down_projections,
-    )
-    model = onnx.load(str(dynamic_path))
-    dynamic_nodes = [node for node in model.graph.node if node.op_type == "DynamicQuantizeLinear"]
-    activations = [node.input[0] for node in dynamic_nodes]
-    probe = onnx.load(str(dynamic_path))  # the same graph with the quantized activations as outputs
-    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in activations)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    low, high = np.zeros(len(activations)), np.zeros(len(activations))  # the range always holds 0 (zero point)
-    for ids in calibration_ids:
-        row = np.array([ids], dtype=np.int64)
-        values = session.run(activations, {"input_ids": row, "attention_mask": np.ones_like(row)})
-        low = np.minimum(low, [v.min() for v in values])
-        high = np.maximum(high, [v.max() for v in values])
-    for node, lo, hi in zip(dynamic_nodes, low, high):
-        scale = max(float(hi - lo), 1e-8) / 255.0
-        _, scale_name, zero_point_name = node.output  # become constants of the same names
-        model.graph.initializer.extend([
-            numpy_helper.from_array(np.array(scale, dtype=np.float32), scale_name),
-            numpy_helper.from_array(np.array(round(-lo / scale), dtype=np.uint8), zero_point_name),
-        ])
-        static = helper.make_node("QuantizeLinear", [node.input[0], scale_name, zero_point_name], [node.output[0]],
-                                  name=node.name + "_static")
-        model.graph.node.insert(list(model.graph.node).index(node), static)
-        model.graph.node.remove(node)
-    onnx.save(model, str(int8_path))
-    dynamic_path.unlink()
 
 
 def _digest(path: Path) -> str:

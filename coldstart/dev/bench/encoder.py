@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import click
 
 from coldstart.config import Settings
 from coldstart.dev.bench.common import emit, items_per_s, machine
 from coldstart.dev.catalogue import catalogue_texts
-from encoders.export_format import ENCODER_ONNX
 
 
 @click.command()
@@ -27,13 +22,7 @@ def encoder(settings: Settings, count: int, batch_sizes: str, as_json: bool) -> 
 
 def run_encoder_bench(settings: Settings, count: int, batch_sizes: list[int]) -> dict:
     from encoders.content import OnnxContentEncoder
-    from encoders.training.ceg import (
-        FrozenContentEncoder,
-        encode_with_torch,
-        ensure_exported,
-        load_tokenizer,
-        quantize_int8,
-    )
+    from encoders.training.ceg import FrozenContentEncoder, encode_with_torch, ensure_exported, load_tokenizer
     from encoders.training.registry import encoder_config
 
     config = encoder_config(settings.encoder_name, settings.encoder_model_path)
@@ -41,20 +30,10 @@ def run_encoder_bench(settings: Settings, count: int, batch_sizes: list[int]) ->
     texts = catalogue_texts(count)
     torch_encoder, tokenizer = FrozenContentEncoder(config), load_tokenizer(config)
 
-    # int8 everywhere (no layer kept fp32), to show what the service default trades
-    all_int8_dir = Path(tempfile.mkdtemp(prefix="int8-all-"))
-    for name in os.listdir(export_dir):
-        if name != ENCODER_ONNX["int8"]:
-            os.symlink(export_dir / name, all_int8_dir / name)
-    calibration_ids = tokenizer(catalogue_texts(0)[::2], truncation=True, max_length=config.max_tokens)["input_ids"]
-    quantize_int8(export_dir / ENCODER_ONNX["fp32"], all_int8_dir / ENCODER_ONNX["int8"], calibration_ids,
-                  keep_down_projections_fp32=False)
-
     runtimes = {
         "torch-fp32": lambda b: lambda t: encode_with_torch(torch_encoder, tokenizer, t, batch_size=b).numpy(),
         "onnx-fp32": lambda b: OnnxContentEncoder(export_dir, "fp32", max_batch_tokens=10**9, max_batch_items=b).encode,
         "onnx-int8 (service)": lambda b: OnnxContentEncoder(export_dir, "int8", max_batch_tokens=10**9, max_batch_items=b).encode,
-        "onnx-int8-all": lambda b: OnnxContentEncoder(all_int8_dir, "int8", max_batch_tokens=10**9, max_batch_items=b).encode,
     }
     reference = None
     rows = []
@@ -67,9 +46,8 @@ def run_encoder_bench(settings: Settings, count: int, batch_sizes: list[int]) ->
             cosines = (vectors * reference).sum(axis=1)
             rows.append({"runtime": name, "batching": f"fixed {batch_size}", "items_per_s": round(rate, 1),
                          "min_cos": round(float(cosines.min()), 4), "mean_cos": round(float(cosines.mean()), 4)})
-    for name in ("onnx-fp32", "onnx-int8 (service)", "onnx-int8-all"):  # token budget: sorted by length
-        precision_dir = all_int8_dir if name == "onnx-int8-all" else export_dir
-        encoder = OnnxContentEncoder(precision_dir, "fp32" if name == "onnx-fp32" else "int8")
+    for name in ("onnx-fp32", "onnx-int8 (service)"):  # token budget: sorted by length
+        encoder = OnnxContentEncoder(export_dir, "fp32" if name == "onnx-fp32" else "int8")
         rate, vectors = items_per_s(encoder.encode, [texts])
         cosines = (vectors * reference).sum(axis=1)
         rows.append({"runtime": name, "batching": f"token budget {encoder.max_batch_tokens}",
