@@ -310,12 +310,14 @@ class LiveTraffic:
             user_id = users[n % len(users)]
             send_item(producer, item_event({"item_id": item_id, "title": f"Live item {n} about the sea",
                                             "category": "live"}))
-            send_action(producer, user_id, self.histories[user_id][n % 3])  # a known item
+            known = self.histories[user_id][n % 3]
+            send_action(producer, user_id, known)  # a known item
             send_action(producer, user_id, item_id)  # the new one (it may arrive before its upload)
             producer.flush()
             with self.lock:
                 self.uploaded.append(item_id)
-                self.histories[user_id].append(item_id)
+                # Both clicks, in the order sent: the worker's history (and so the check's window) holds both.
+                self.histories[user_id] += [known, item_id]
                 self.clicks += 2
             n += 1
             time.sleep(max(0.0, started + n / self.rate - time.monotonic()))
