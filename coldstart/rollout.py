@@ -181,9 +181,17 @@ class ServedStores:
         self.settings = settings
         self.client = redis_client(settings)
         self.stores = {DEFAULT: store} if store is not None else {}
+        self.last_state: RolloutState | None = None
 
     def active(self) -> tuple[str, object]:
-        name = read_state(self.client, self.settings).active
+        try:
+            self.last_state = read_state(self.client, self.settings)
+        except redis.RedisError:
+            # The state lives in the online store's Redis: while its node is down nobody can change it, so the last
+            # state read still holds — a request for keys on the other cluster masters is answered, not failed.
+            if self.last_state is None:
+                raise
+        name = self.last_state.active
         return name, self.store_of(name)
 
     def store_of(self, name: str):
