@@ -28,6 +28,7 @@ Workers (streams.models), the backfill (streams.rollout) and the read path
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -36,6 +37,8 @@ import redis
 from coldstart import store as feast_store
 from coldstart.config import Settings
 from encoders import versions
+
+log = logging.getLogger(__name__)
 
 DEFAULT = "default"  # the service before any promotion: COLDSTART_TOWERS_DIR into COLDSTART_FEAST_PROJECT
 
@@ -80,6 +83,21 @@ def state_key(settings: Settings) -> str:
 def read_state(client: redis.Redis, settings: Settings) -> RolloutState:
     raw = client.get(state_key(settings))
     return RolloutState(**json.loads(raw)) if raw else RolloutState()
+
+
+def read_state_or_last(client: redis.Redis, settings: Settings, last: RolloutState | None) -> RolloutState:
+    """The state; while its Redis node cannot be read, `last` (the last state read), or the error if none.
+
+    The state lives in the online store's Redis: while that node is down nobody can change it, and the
+    caller's writes and reads of that Redis fail and are retried anyway; the other cluster masters keep serving.
+    """
+    try:
+        return read_state(client, settings)
+    except redis.RedisError as err:
+        if last is None:
+            raise
+        log.warning("rollout state unreadable (%s); using the last one read", err)
+        return last
 
 
 def change_state(client: redis.Redis, settings: Settings, change) -> RolloutState:
@@ -184,13 +202,7 @@ class ServedStores:
         self.last_state: RolloutState | None = None
 
     def active(self) -> tuple[str, object]:
-        try:
-            self.last_state = read_state(self.client, self.settings)
-        except redis.RedisError:
-            # The state lives in the online store's Redis: while its node is down nobody can change it, so the last
-            # state read still holds — a request for keys on the other cluster masters is answered, not failed.
-            if self.last_state is None:
-                raise
+        self.last_state = read_state_or_last(self.client, self.settings, self.last_state)
         name = self.last_state.active
         return name, self.store_of(name)
 

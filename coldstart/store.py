@@ -229,19 +229,14 @@ def push_online(store: FeatureStore, push_source: str, frame: pd.DataFrame) -> N
              if isinstance(view.stream_source, PushSource) and view.stream_source.name == push_source]
     if not views:
         raise ValueError(f"no feature view is fed by the push source {push_source!r} in project {store.project!r}")
-    client = store._get_provider().online_store._get_client(store.config.online_store)
     for view in views:
-        join_key = view.entity_columns[0].name
         features = [f for f in view.features if f.name in frame.columns]
         values = [python_values_to_proto_values(frame[f.name].tolist(), f.dtype.to_value_type()) for f in features]
-        fields = _hash_fields(view.name, tuple(f.name for f in features))
-        event_times = frame[view.batch_source.timestamp_field]
-        write_newest(client, [
-            NewestWrite(_redis_key_of(store.config.project, join_key, entity_id), f"_ts:{view.name}",
-                        timestamp_proto(event_time), [],
-                        {field: column[row].SerializeToString() for field, column in zip(fields, values)})
-            for row, (entity_id, event_time) in enumerate(zip(frame[join_key], event_times))
-        ])
+        rows = [RawRow({f.name: column[row].SerializeToString() for f, column in zip(features, values)},
+                       timestamp_proto(event_time).SerializeToString())
+                for row, event_time in enumerate(frame[view.batch_source.timestamp_field])]
+        join_key = view.entity_columns[0].name
+        write_raw_if_newer(store, view.name, join_key, list(frame[join_key]), rows)
 
 
 def delete_online(store: FeatureStore, view_name: str, join_key: str, ids: list[str], event_times) -> list[bool]:

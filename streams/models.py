@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import redis
 
 from coldstart import rollout
 from coldstart import store as feast_store
@@ -60,16 +59,10 @@ class ServedVersions:
         """The versions to write items (or users) to now, the active one first. Blocking: one Redis GET,
         and the first time a version is named, loading it. With fallback, the last state read while Redis
         cannot be read; without, the Redis error."""
-        try:
-            state = self.last_state = rollout.read_state(self.client, self.settings)
-        except redis.RedisError as err:
-            if self.last_state is None or not fallback:
-                raise
-            # The state lives in the online store's Redis: while it cannot be read, nobody can change it, and the
-            # batch's writes wait for Redis (retried); the re-read before the commit (added_since, retried) then
-            # catches a change made before the outage.
-            log.warning("rollout state unreadable (%s); using the last one read", err)
-            state = self.last_state
+        # With fallback, the batch's writes then wait for Redis (retried), and the re-read before the commit
+        # (added_since: no fallback, retried) catches a change made before the outage.
+        state = self.last_state = (rollout.read_state_or_last(self.client, self.settings, self.last_state) if fallback
+                                   else rollout.read_state(self.client, self.settings))
         return [self.load(name) for name in (state.serving_users if users else state.serving)]
 
     def added_since(self, written: list[VersionModels], users: bool = False) -> list[VersionModels]:
