@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +28,28 @@ def pick_providers() -> list[str]:
 class Session:
     """A model's session with `threads` intra-op threads and, on the CPU, a one-thread session for small batches.
 
-    `run` as ort.InferenceSession.run; the batch is the first dimension of the first input."""
+    `run` as ort.InferenceSession.run; the batch is the first dimension of the first input. `run_each` runs
+    several batches: on the CPU as `threads` one-thread runs at a time, one per core."""
 
     def __init__(self, model_path: Path, threads: int = 0):
         self.pool = _inference_session(model_path, threads)
-        cpu = self.pool.get_providers()[0] == "CPUExecutionProvider"
-        self.single = _inference_session(model_path, 1) if cpu and threads != 1 else self.pool
+        self.on_cpu = self.pool.get_providers()[0] == "CPUExecutionProvider"
+        self.single = _inference_session(model_path, 1) if self.on_cpu and threads != 1 else self.pool
+        self.parallel_runs = (threads or len(os.sched_getaffinity(0))) if self.on_cpu else 1
+        # Threads that call the one-thread session side by side (ORT releases the GIL while it runs).
+        self.callers = ThreadPoolExecutor(self.parallel_runs, "onnx-run") if self.parallel_runs > 1 else None
 
     def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         rows = len(next(iter(feeds.values())))
         return (self.single if rows <= SMALL_BATCH_ROWS else self.pool).run(outputs, feeds)
+
+    def run_each(self, outputs: list[str], batches: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+        """`run` on each batch, in order. On the CPU each is one-thread, `parallel_runs` at a time: small
+        batches side by side keep every core busy without an intra-op pool's synchronisation, which on 2 cores
+        did 1.2–1.5x the items/s of one two-thread run per batch (BENCHMARKS.md, issue 19)."""
+        if self.callers is None or len(batches) == 1:
+            return [self.run(outputs, feeds) for feeds in batches]
+        return list(self.callers.map(lambda feeds: self.single.run(outputs, feeds), batches))
 
     def get_providers(self) -> list[str]:
         return self.pool.get_providers()
@@ -43,7 +57,8 @@ class Session:
 
 def open_session(model_path: Path, threads: int = 0) -> Session:
     """A session with every graph optimisation; `threads` intra-op threads (0: ORT's default, one per core) for
-    batches of more than SMALL_BATCH_ROWS rows, one thread below."""
+    batches of more than SMALL_BATCH_ROWS rows, one thread below; `threads` one-thread runs side by side in
+    `run_each`."""
     return Session(model_path, threads)
 
 

@@ -19,7 +19,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def encoders_pair():
-    onnx_encoder = OnnxContentEncoder(SETTINGS.encoder_export_dir, max_batch_tokens=512)
+    onnx_encoder = OnnxContentEncoder(SETTINGS.encoder_export_dir, max_batch_tokens=512, threads=2)
     config = CEGConfig()
     return onnx_encoder, FrozenContentEncoder(config), load_tokenizer(config)
 
@@ -35,13 +35,18 @@ def test_onnx_matches_torch_per_item(encoders_pair, batch):
     assert cosines.min() >= 0.999, cosines
 
 
-def test_token_budget_batching_keeps_order(encoders_pair):
+def test_batching_by_length_keeps_order(encoders_pair):
     onnx_encoder = encoders_pair[0]
     one_by_one = np.stack([onnx_encoder.encode([t])[0] for t in TEXTS])
-    together = onnx_encoder.encode(TEXTS)  # sorted into several batches by length, then restored
+    together = onnx_encoder.encode(TEXTS)  # sorted into batches by length, run two at a time, order restored
     assert np.allclose(one_by_one, together, atol=1e-5)
-    # budget 512 padded tokens: lengths 5, 100, 100 share a batch (3 × 100); 300 goes alone
-    assert onnx_encoder._token_budget_batches([[0] * 100, [0] * 5, [0] * 300, [0] * 100]) == [[1, 0, 3], [2]]
+    batches = onnx_encoder._batches
+    assert onnx_encoder.session.parallel_runs == 2 and onnx_encoder.max_batch_items == 8
+    # two parallel runs: a call is cut into two batches at least, so both cores work on it
+    assert batches([[0] * 100, [0] * 5]) == [[1], [0]]
+    assert batches([[0] * 10] * 20) == [[*range(8)], [*range(8, 16)], [*range(16, 20)]]
+    # budget 512 padded tokens: 300 goes alone (5 + 100 fit: 2 × 100)
+    assert batches([[0] * 100, [0] * 5, [0] * 300, [0] * 100]) == [[1, 0], [3], [2]]
 
 
 def test_vectors_are_unit_length_and_meaningful(encoders_pair):
