@@ -59,42 +59,79 @@ def register(app) -> None:
         log.info("item agent ready: %s on %s", active.item_version, active.encoder.provider)
         offline = OfflineBuffer(stream, active.item_offline, settings.offline_flush_seconds)
         app.offline_buffers.append(offline)
-        async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_ms / 1000):
-            metrics.MICRO_BATCH_EVENTS.labels("items").observe(len(events))
-            valid: list[ItemUpload] = []
-            sent_at: list[float] = []  # the valid events' record timestamps (upload → online latency)
-            for event in events:
-                try:
-                    item = parse_item_upload(event.value)
-                except InvalidEvent as reason:
-                    await app.dead_letters.send_event(event, str(reason))
-                    continue
-                if not forwarder.misplaced(event, item.item_id, item):
-                    valid.append(item)
-                    sent_at.append(event.message.timestamp)
-            valid += await forwarder.forward_pending()
-            uploads = [item for item in valid if not item.deleted]
-            removals = [item for item in valid if item.deleted]
-            content: dict = {}
-            versions = await asyncio.to_thread(served.current)
-            written = []
-            while versions:  # a version the state gained while this batch was written gets it too (streams.models)
+        # Two stages: a batch is encoded while the one before it is written (the cores would idle through each
+        # write otherwise); writes, and so acknowledgements, stay in arrival order.
+        writing: asyncio.Future | None = None
+        try:
+            async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_ms / 1000):
+                metrics.MICRO_BATCH_EVENTS.labels("items").observe(len(events))
+                batch = ItemBatch(list(events))
+                for event in events:
+                    try:
+                        item = parse_item_upload(event.value)
+                    except InvalidEvent as reason:
+                        await app.dead_letters.send_event(event, str(reason))
+                        continue
+                    if not forwarder.misplaced(event, item.item_id, item):
+                        batch.add(item, event.message.timestamp)
+                for item in await forwarder.forward_pending():
+                    batch.add(item, None)
+                versions = await asyncio.to_thread(served.current)
                 for version in versions:
-                    # Either order is right: the online store keeps whichever of an upload and a removal is newer.
-                    frames = ([await write_embeddings(app, version, uploads, content)] if uploads else []) + (
-                        [await write_removals(app, version, removals)] if removals else [])
-                    offline.add(pd.concat(frames) if frames else None, [], version.item_offline)
-                written += versions
-                versions = await retry_forever("rollout state read", served.added_since, written)
-            metrics.observe_since(metrics.UPLOAD_TO_ONLINE, sent_at)
-            offline.add(None, list(events))
-            await offline.flush()
+                    await batch.encode(app, version)
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(write_batch(app, served, offline, batch, versions))
+        finally:
+            if writing is not None and not writing.done():
+                writing.cancel()  # stopping: its events are not acknowledged, so the next worker gets them again
 
 
-async def write_embeddings(app, version: VersionModels, items: list[ItemUpload], content: dict):
-    vectors = await asyncio.get_running_loop().run_in_executor(app.model_executor, encode, version, items, content)
+class ItemBatch:
+    """One micro-batch: its events, its valid uploads and removals, and the vectors of each version so far."""
+
+    def __init__(self, events: list):
+        self.events = events
+        self.uploads: list[ItemUpload] = []
+        self.removals: list[ItemUpload] = []
+        self.sent_at: list[float] = []  # record timestamps of the batch's own valid events (upload → online latency)
+        self.content: dict = {}  # encoder id → content embeddings of the uploads (shared by versions)
+        self.vectors: dict[str, np.ndarray] = {}  # version name → item vectors of the uploads
+
+    def add(self, item: ItemUpload, sent_at: float | None) -> None:
+        (self.removals if item.deleted else self.uploads).append(item)
+        if sent_at is not None:
+            self.sent_at.append(sent_at)
+
+    async def encode(self, app, version: VersionModels) -> None:
+        if self.uploads and version.name not in self.vectors:
+            self.vectors[version.name] = await asyncio.get_running_loop().run_in_executor(
+                app.model_executor, encode, version, self.uploads, self.content)
+
+
+async def write_batch(app, served: ServedVersions, offline: OfflineBuffer, batch: ItemBatch,
+                      versions: list[VersionModels]) -> None:
+    """Write a batch to every version the state names, then hand its events to the offline buffer (which
+    acknowledges them once their offline rows are on disk)."""
+    written = []
+    while versions:  # a version the state gained while this batch was written gets it too (streams.models)
+        for version in versions:
+            await batch.encode(app, version)
+            # Either order is right: the online store keeps whichever of an upload and a removal is newer.
+            frames = ([await write_embeddings(app, version, batch)] if batch.uploads else []) + (
+                [await write_removals(app, version, batch.removals)] if batch.removals else [])
+            offline.add(pd.concat(frames) if frames else None, [], version.item_offline)
+        written += versions
+        versions = await retry_forever("rollout state read", served.added_since, written)
+    metrics.observe_since(metrics.UPLOAD_TO_ONLINE, batch.sent_at)
+    offline.add(None, batch.events)
+    await offline.flush()
+
+
+async def write_embeddings(app, version: VersionModels, batch: ItemBatch):
+    items, vectors = batch.uploads, batch.vectors[version.name]
     frame = feast_store.item_embedding_frame(
-        [i.item_id for i in items], vectors, content[id(version.encoder)], [i.title[:200] for i in items],
+        [i.item_id for i in items], vectors, batch.content[id(version.encoder)], [i.title[:200] for i in items],
         [i.category for i in items], version.item_version, [i.uploaded_at for i in items],
     )
     await retry_forever("online write", feast_store.push_online, version.store, ITEM_PUSH_SOURCE, frame)
