@@ -59,9 +59,12 @@ def run_pipeline_bench(settings: Settings, rates: list[float], seconds: float, s
     catalogue = load_catalogue()
     with fresh_stack(settings, "bench") as stack:
         naive = naive_items_per_s(stack.settings, stack.store, unique_items(catalogue, "naive", naive_items))
-        # The encoder's ceiling on the same texts, same precision and batching, while the worker idles.
-        encoder = OnnxContentEncoder(stack.settings.encoder_export_dir, precision=stack.settings.encoder_precision)
-        ceiling, _ = items_per_s(encoder.encode, [catalogue_texts(len(catalogue))])
+        # The encoder's ceiling while the worker idles: the same texts, precision, threads and batching, in calls
+        # of a full micro-batch (what the worker's encoder gets at saturation).
+        encoder = OnnxContentEncoder(stack.settings.encoder_export_dir, precision=stack.settings.encoder_precision,
+                                     threads=stack.settings.onnx_session_threads)
+        texts, size = catalogue_texts(len(catalogue)), stack.settings.batch_size
+        ceiling, _ = items_per_s(encoder.encode, [texts[i : i + size] for i in range(0, len(texts), size)])
         del encoder
         watcher = PublishedWatcher(stack.settings)
         watcher.start()
