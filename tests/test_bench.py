@@ -19,6 +19,7 @@ def test_bench_encoder_reports_items_per_s_and_cosine_per_configuration():
     for row in summary["configs"]:
         assert row["items_per_s"] > 0 and -1 <= row["min_cos"] <= row["mean_cos"] <= 1.0001
     assert summary["fastest_with_cos_0.99"]["min_cos"] >= 0.99
+    assert summary["service_x_onnx_fp32"] > 0 and summary["service_vs_best_fixed"] > 0
 
 
 def test_bench_pipeline_reports_latency_per_rate_and_efficiency():
@@ -28,6 +29,7 @@ def test_bench_pipeline_reports_latency_per_rate_and_efficiency():
     assert all(row["arrived"] == row["items"] for row in summary["rates"])
     assert summary["efficiency"] > 0 and summary["p99_ms_at_50"] > 0
     assert summary["naive_items_per_s"] > 0 and summary["ratio_to_naive"] > 0 and summary["client_cpu_cores"] >= 0
+    assert set(summary["saturation_cpu_cores"]) == {"worker", "broker", "client"}
 
 
 def test_bench_lookup_compares_feast_and_http_with_raw_redis():

@@ -76,11 +76,18 @@ def run_pipeline_bench(settings: Settings, rates: list[float], seconds: float, s
             upload_at_rate(stack.settings, items, rate, watcher)
             drained = watcher.wait_all(timeout=120 + len(items) / 20)
             rows.append(phase_row(rate, items, watcher, drained))
+        saturation_cpu = None
         if saturation_items:
             items = unique_items(catalogue, "max", saturation_items)
+            # Who used the cores while the worker was saturated: what the encoder did not get.
+            processes = {"worker": psutil.Process(stack.worker.process.pid),
+                         "broker": psutil.Process(stack.broker.process.pid), "client": client}
+            before, phase_start = {n: sum(p.cpu_times()[:2]) for n, p in processes.items()}, time.monotonic()
             upload_at_rate(stack.settings, items, float("inf"), watcher)
             drained = watcher.wait_all(timeout=120 + saturation_items / 20)
             rows.append(phase_row(None, items, watcher, drained))
+            busy = time.monotonic() - phase_start
+            saturation_cpu = {n: round((sum(p.cpu_times()[:2]) - before[n]) / busy, 2) for n, p in processes.items()}
         client_cpu = (sum(client.cpu_times()[:2]) - cpu_before) / (time.monotonic() - started)
         watcher.stopping.set()
     saturated = rows[-1]["sustained_per_s"] if saturation_items else max(r["sustained_per_s"] for r in rows)
@@ -92,6 +99,7 @@ def run_pipeline_bench(settings: Settings, rates: list[float], seconds: float, s
         "p99_ms_at_50": at_50["p99_ms"] if at_50 else None,
         "naive_items_per_s": round(naive, 1), "ratio_to_naive": round(saturated / naive, 2),
         "client_cpu_cores": round(client_cpu, 2),  # this process (producer + watcher) during the phases
+        "saturation_cpu_cores": saturation_cpu,  # cores used by worker, broker and client at saturation
         "load_average_1m": round(psutil.getloadavg()[0], 2),
         "rates": rows,
     }
