@@ -179,8 +179,9 @@ def item_embedding_frame(item_ids, vectors, content_vectors, titles, categories,
     return pd.DataFrame(
         {
             "item_id": list(item_ids),
-            "item_embedding": [v.astype("float32").tolist() for v in vectors],
-            "content_embedding": [v.astype("float32").tolist() for v in content_vectors],
+            # Rows as numpy arrays, not lists: Arrow copies them as blocks (Feast's protos come out the same).
+            "item_embedding": list(np.asarray(vectors, dtype=np.float32)),
+            "content_embedding": list(np.asarray(content_vectors, dtype=np.float32)),
             "title": list(titles),
             "model_version": model_version,
             "category": list(categories),

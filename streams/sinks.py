@@ -54,7 +54,11 @@ class OfflineBuffer:
     """Offline rows and the events that produced them, flushed as one part file.
 
     Acknowledging the events only after the flush keeps at-least-once for the
-    offline store too, without writing one small file per micro-batch.
+    offline store too, without writing one small file per micro-batch. The write
+    runs beside the agent, which goes on with its next batch (waiting for it put
+    ~50 ms on the upload → online p99 every flush, BENCHMARKS.md, issue 19); one
+    write at a time, so an offline store that fails holds the agent back
+    (backpressure) instead of rows piling up in memory.
     """
 
     def __init__(self, stream, table: OfflineTable, flush_seconds: float):
@@ -65,6 +69,7 @@ class OfflineBuffer:
         self.events: list = []
         self.oldest = time.monotonic()
         self.lock = asyncio.Lock()
+        self.writing: asyncio.Future | None = None  # the part files being written, then their events acknowledged
 
     def add(self, frame: pd.DataFrame | None, events: list, table: OfflineTable | None = None) -> None:
         """Rows for `table` (default: the buffer's own; another model version's during a rollout)."""
@@ -75,13 +80,25 @@ class OfflineBuffer:
         self.events.extend(events)
 
     async def flush(self, force: bool = False) -> None:
+        """Start writing what is buffered once it is `flush_seconds` old (force: now, and wait for it)."""
         async with self.lock:
             if not self.events or (not force and time.monotonic() - self.oldest < self.flush_seconds):
                 return
+            if self.writing is not None:
+                await self.writing  # one write at a time: acknowledgements in order, and backpressure
             frames, events = self.frames, self.events
             self.frames, self.events = [], []
-            tables = {id(table): table for table, _ in frames}  # one part file per table
-            for key, table in tables.items():
-                await retry_forever("offline write", table.write, pd.concat([f for t, f in frames if id(t) == key]))
-            for event in events:
-                await self.stream.ack(event)
+            self.writing = writing = asyncio.ensure_future(self._write(frames, events))
+        if force:
+            await writing
+
+    async def _write(self, frames: list[tuple[OfflineTable, pd.DataFrame]], events: list) -> None:
+        tables = {id(table): table for table, _ in frames}  # one part file per table
+        for key, table in tables.items():
+            await retry_forever("offline write", _concat_and_write, table, [f for t, f in frames if id(t) == key])
+        for event in events:
+            await self.stream.ack(event)
+
+
+def _concat_and_write(table: OfflineTable, frames: list[pd.DataFrame]) -> None:
+    table.write(pd.concat(frames))
