@@ -83,6 +83,18 @@ CONFIGS: dict[str, TrainConfig] = {
             _LEARN, name="learn-hybrid-minilm-white", command="coldstart evaluate --extra learn-hybrid-minilm-white",
             model=replace(_LEARN.model, id_residual=True, id_dropout=0.3, whiten=True),
         ),
+        # 2026-12-06: more ID dropout (the content path trained alone more often, for cold items); a longer
+        # patience (validation NDCG@50 on loo was still rising when patience 10 stopped the default).
+        replace(
+            _LEARN, name="learn-hybrid-minilm-drop5", date="2026-12-06",
+            command="coldstart evaluate --config learn-hybrid-minilm-drop5 --sasrec off --seeds 1",
+            model=replace(_LEARN.model, id_residual=True, id_dropout=0.5),
+        ),
+        replace(
+            _LEARN, name="learn-hybrid-minilm-long", date="2026-12-06", patience=25,
+            command="coldstart evaluate --config learn-hybrid-minilm-long --sasrec off --seeds 1",
+            model=replace(_LEARN.model, id_residual=True, id_dropout=0.3),
+        ),
         # Ablations of pure LEARN's objective: in-batch negatives (the default until 2026-12-01);
         # a sampled softmax with logQ over a shared pool of 512 (the large-catalogue form).
         replace(_LEARN, name="learn-minilm-inbatch", loss="in_batch", mask_history=False,
