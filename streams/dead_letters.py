@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 
 from coldstart import metrics
 from streams.records import DeadLetter
+from streams.validation import InvalidEvent
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +54,14 @@ class DeadLetters:
         message = event.message
         await self.send(message.topic, message.partition, message.offset, message.key, message.value, reason,
                         message.headers)
+
+    async def parse_each(self, events, parse) -> list[tuple[object, object]]:
+        """(event, parse(event.value)) for each event that parses; the others are dead-lettered with the
+        reason `parse` raised (streams.validation.InvalidEvent)."""
+        parsed = []
+        for event in events:
+            try:
+                parsed.append((event, parse(event.value)))
+            except InvalidEvent as reason:
+                await self.send_event(event, str(reason))
+        return parsed

@@ -28,7 +28,7 @@ from streams.keys import Forwarder
 from streams.models import ServedVersions, VersionModels
 from streams.records import ItemEmbedding, ItemUpload
 from streams.sinks import OfflineBuffer, retry_forever
-from streams.validation import InvalidEvent, parse_item_upload
+from streams.validation import parse_item_upload
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,7 @@ def register(app) -> None:
             async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_ms / 1000):
                 metrics.MICRO_BATCH_EVENTS.labels("items").observe(len(events))
                 batch = ItemBatch(list(events))
-                for event in events:
-                    try:
-                        item = parse_item_upload(event.value)
-                    except InvalidEvent as reason:
-                        await app.dead_letters.send_event(event, str(reason))
-                        continue
+                for event, item in await app.dead_letters.parse_each(events, parse_item_upload):
                     if not forwarder.misplaced(event, item.item_id, item):
                         batch.add(item, event.message.timestamp)
                 for item in await forwarder.forward_pending():

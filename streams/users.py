@@ -34,7 +34,7 @@ from streams.keys import Forwarder
 from streams.models import ServedVersions, VersionModels
 from streams.records import HistoryEntry, UserAction, UserHistory, WaitingItems
 from streams.sinks import OfflineBuffer, retry_forever
-from streams.validation import POSITIVE_ACTIONS, InvalidEvent, parse_user_action
+from streams.validation import POSITIVE_ACTIONS, parse_user_action
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +186,7 @@ def register(app) -> None:
             metrics.MICRO_BATCH_EVENTS.labels("users").observe(len(events))
             here: list[UserAction] = []
             sent_at: list[float] = []  # the positive actions' record timestamps (action → user vector latency)
-            for event in events:
-                try:
-                    action = parse_user_action(event.value)
-                except InvalidEvent as reason:
-                    await app.dead_letters.send_event(event, str(reason))
-                    continue
+            for event, action in await app.dead_letters.parse_each(events, parse_user_action):
                 # off its user's partition: forwarded there (the history may live on another worker)
                 if not forwarder.misplaced(event, action.user_id, action):
                     here.append(action)
