@@ -16,7 +16,8 @@ import pytest
 import redis
 from kafka import KafkaAdminClient
 
-from coldstart.store import read_item_features
+from coldstart.config import ITEM_VIEW
+from coldstart.store import offline_table, read_item_features
 from coldstart.ranking import known_item_ids
 from coldstart.dev.services import EmbeddedBroker
 from streams.topics import create_topics
@@ -211,6 +212,37 @@ def test_events_unwritten_during_an_outage_are_not_committed(stack, producer, ow
                              f"{committed}, now {committed_offsets(stack.settings)}; the broker returns "
                              f"{sum(r.get('item_id') in positions for r in on_broker)} of them "
                              f"to a plain consumer; log {stack.worker.log_path}")
+
+
+def test_an_offline_store_failure_is_retried_while_the_online_path_goes_on(stack, producer):
+    """The offline part file is written beside the agent (streams.sinks): while it cannot be written,
+    uploads still become readable online, the write is retried, and once it can be written again every
+    row arrives (their events are acknowledged only then)."""
+    folder = offline_table(stack.store, ITEM_VIEW).path
+    aside = folder.with_name(folder.name + ".aside")
+    start = log_size(stack.worker)
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.rename(aside)
+    folder.write_text("a file where the offline folder should be: every part-file write fails")
+    try:
+        ids = upload_batch(producer, "offline-down", 10)
+        producer.flush()
+        wait_readable(stack.store, ids)  # the online path does not wait for the offline write
+        wait_for_log(stack.worker, start, "offline write failed (attempt")
+        assert not set(ids) & set(known_item_ids_in(aside)), "no offline rows while the folder is unwritable"
+    finally:
+        folder.unlink()
+        aside.rename(folder)
+    wait_for_log(stack.worker, start, "offline write recovered")
+    wait_offline(stack, ids)
+
+
+def known_item_ids_in(folder) -> set[str]:
+    import pyarrow.dataset as ds
+
+    parts = sorted(str(part) for part in folder.glob("*.parquet"))
+    return set(ds.dataset(parts, format="parquet").to_table(columns=["item_id"]).column("item_id").to_pylist()
+               if parts else [])
 
 
 # ---- 3. broker restarts ------------------------------------------------------
