@@ -11,6 +11,7 @@ workarounds the embedded tansu broker needs (shared/notes/kafka-broker.md);
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -199,7 +200,7 @@ class Settings:
         return {ENVIRONMENT[f.name][0]: str(getattr(self, f.name)) for f in fields(self)}
 
     def kafka_client_options(self) -> dict:
-        """Security options in kafka-python / aiokafka spelling (empty for PLAINTEXT)."""
+        """Security options in kafka-python's spelling (empty for PLAINTEXT)."""
         options: dict = {}
         if self.kafka_security_protocol != "PLAINTEXT":
             options["security_protocol"] = self.kafka_security_protocol
@@ -211,6 +212,14 @@ class Settings:
             )
         if self.kafka_ssl_cafile:
             options["ssl_cafile"] = self.kafka_ssl_cafile
+        return options
+
+    def aiokafka_client_options(self) -> dict:
+        """kafka_client_options for aiokafka, which takes a TLS context instead of a CA file."""
+        options = self.kafka_client_options()
+        cafile = options.pop("ssl_cafile", None)
+        if "SSL" in self.kafka_security_protocol:
+            options["ssl_context"] = ssl.create_default_context(cafile=cafile)
         return options
 
 

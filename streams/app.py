@@ -49,7 +49,6 @@ class ColdstartApp(faust.App):
         # Raw bytes in: a malformed event must reach dead-letters exactly as received.
         self.item_uploads_topic = self.topic("item-uploads", key_serializer="raw", value_serializer="raw")
         self.user_actions_topic = self.topic("user-actions", key_serializer="raw", value_serializer="raw")
-        self.item_embeddings_topic = self.topic("item-embeddings", key_serializer="raw")
         self.dead_letters = DeadLetters(self.topic("dead-letters", key_serializer="raw"))
 
     def models_loaded(self, role: str, models, version: str, provider: str) -> None:

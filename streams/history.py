@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -124,7 +123,7 @@ async def _read_topic(settings: Settings, topic: str, idle_seconds: float, patie
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap.split(","), group_id=None, enable_auto_commit=False,
         # tansu does not wake a waiting fetch on new data (shared/notes/kafka-broker.md): wait briefly.
-        fetch_max_wait_ms=DEV_FETCH_MAX_WAIT_MS if settings.dev else 500, **_client_options(settings),
+        fetch_max_wait_ms=DEV_FETCH_MAX_WAIT_MS if settings.dev else 500, **settings.aiokafka_client_options(),
     )
     try:
         await consumer.start()
@@ -167,15 +166,6 @@ async def _read_to_end(consumer, topic: str, numbers: list[int], idle_seconds: f
             log.warning("%s: stopped short of the end offsets the broker reported (%s): nothing more came for %.0f s",
                         topic, ", ".join(f"[{p.partition}] at {a} of {b}" for p, (a, b) in short.items()), quiet)
             return list(records.values())
-
-
-def _client_options(settings: Settings) -> dict:
-    """Settings.kafka_client_options in aiokafka's spelling (a TLS context instead of a CA file)."""
-    options = settings.kafka_client_options()
-    cafile = options.pop("ssl_cafile", None)
-    if "SSL" in settings.kafka_security_protocol:
-        options["ssl_context"] = ssl.create_default_context(cafile=cafile)
-    return options
 
 
 # ---- from the offline store -----------------------------------------------------------------------

@@ -27,7 +27,7 @@ from encoders.text import item_text
 from streams.keys import Forwarder
 from streams.models import ServedVersions, VersionModels
 from streams.records import ItemEmbedding, ItemUpload
-from streams.sinks import OfflineBuffer, retry_forever
+from streams.sinks import OfflineBuffer, TopicPublisher, retry_forever
 from streams.validation import parse_item_upload
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ def register(app) -> None:
         log.info("item agent ready: %s on %s", active.item_version, active.encoder.provider)
         offline = OfflineBuffer(stream, active.item_offline, settings.offline_flush_seconds)
         app.offline_buffers.append(offline)
+        published = TopicPublisher(settings, "item-embeddings")
         # Two stages: a batch is encoded while the one before it is written (the cores would idle through each
         # write otherwise); writes, and so acknowledgements, stay in arrival order.
         writing: asyncio.Future | None = None
@@ -76,10 +77,11 @@ def register(app) -> None:
                     await batch.encode(app, version)
                 if writing is not None:
                     await writing
-                writing = asyncio.ensure_future(write_batch(app, served, offline, batch, versions))
+                writing = asyncio.ensure_future(write_batch(app, served, offline, published, batch, versions))
         finally:
             if writing is not None and not writing.done():
                 writing.cancel()  # stopping: its events are not acknowledged, so the next worker gets them again
+            await published.stop()
 
 
 class ItemBatch:
@@ -104,17 +106,17 @@ class ItemBatch:
                 app.model_executor, encode, version, self.uploads, self.content)
 
 
-async def write_batch(app, served: ServedVersions, offline: OfflineBuffer, batch: ItemBatch,
-                      versions: list[VersionModels]) -> None:
-    """Write a batch to every version the state names, then hand its events to the offline buffer (which
-    acknowledges them once their offline rows are on disk)."""
+async def write_batch(app, served: ServedVersions, offline: OfflineBuffer, published: TopicPublisher,
+                      batch: ItemBatch, versions: list[VersionModels]) -> None:
+    """Write a batch to every version the state names and publish it on item-embeddings, then hand its events
+    to the offline buffer (which acknowledges them once their offline rows are on disk)."""
     written = []
     while versions:  # a version the state gained while this batch was written gets it too (streams.models)
         for version in versions:
             await batch.encode(app, version)
             # Either order is right: the online store keeps whichever of an upload and a removal is newer.
-            frames = ([await write_embeddings(app, version, batch)] if batch.uploads else []) + (
-                [await write_removals(app, version, batch.removals)] if batch.removals else [])
+            frames = ([await write_embeddings(published, version, batch)] if batch.uploads else []) + (
+                [await write_removals(published, version, batch.removals)] if batch.removals else [])
             offline.add(pd.concat(frames) if frames else None, [], version.item_offline)
         written += versions
         versions = await retry_forever("rollout state read", served.added_since, written)
@@ -123,29 +125,28 @@ async def write_batch(app, served: ServedVersions, offline: OfflineBuffer, batch
     await offline.flush()
 
 
-async def write_embeddings(app, version: VersionModels, batch: ItemBatch):
+async def write_embeddings(published: TopicPublisher, version: VersionModels, batch: ItemBatch):
     items, vectors = batch.uploads, batch.vectors[version.name]
     frame = feast_store.item_embedding_frame(
         [i.item_id for i in items], vectors, batch.content[id(version.encoder)], [i.title[:200] for i in items],
         [i.category for i in items], version.item_version, [i.uploaded_at for i in items],
     )
     await retry_forever("online write", feast_store.push_online, version.store, ITEM_PUSH_SOURCE, frame)
-    for item, vector in zip(items, vectors):
-        await app.item_embeddings_topic.send(
-            key=item.item_id.encode(),
-            value=ItemEmbedding(item_id=item.item_id, vector=vector.tolist(), model_version=version.item_version,
-                                event_time=item.uploaded_at, category=item.category, version=version.name),
-        )
+    await published.publish([
+        (item.item_id.encode(), ItemEmbedding(item_id=item.item_id, vector=vector.tolist(),
+                                              model_version=version.item_version, event_time=item.uploaded_at,
+                                              category=item.category, version=version.name).dumps())
+        for item, vector in zip(items, vectors)])
     return frame
 
 
-async def write_removals(app, version: VersionModels, items: list[ItemUpload]):
+async def write_removals(published: TopicPublisher, version: VersionModels, items: list[ItemUpload]):
     ids, times = [i.item_id for i in items], [i.uploaded_at for i in items]
     await retry_forever("online removal", feast_store.delete_online, version.store, ITEM_VIEW, "item_id", ids, times)
-    for item in items:  # published even where an upload was newer: each replica applies newest-wins itself
-        await app.item_embeddings_topic.send(
-            key=item.item_id.encode(),
-            value=ItemEmbedding(item_id=item.item_id, vector=[], model_version=version.item_version,
-                                event_time=item.uploaded_at, deleted=True, version=version.name),
-        )
+    # Published even where an upload was newer: each replica applies newest-wins itself.
+    await published.publish([
+        (item.item_id.encode(), ItemEmbedding(item_id=item.item_id, vector=[], model_version=version.item_version,
+                                              event_time=item.uploaded_at, deleted=True,
+                                              version=version.name).dumps())
+        for item in items])
     return feast_store.item_removal_frame(ids, version.item_version, times)

@@ -1,8 +1,10 @@
-"""Writing to the feature store from an agent: retries with backoff, and offline rows buffered until flushed.
+"""Where an agent's results go: the feature store (retries with backoff, offline rows buffered until
+flushed) and the topics the worker publishes on.
 
 Delivery is at-least-once: an agent hands its events to an OfflineBuffer after
-the online write, and the buffer acknowledges them (their offsets may then be
-committed) only once their offline rows are in a parquet part file.
+the online write and the publication, and the buffer acknowledges them (their
+offsets may then be committed) only once their offline rows are in a parquet
+part file.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import logging
 import time
 
 import pandas as pd
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from coldstart import metrics
+from coldstart.config import Settings
 from coldstart.store import OfflineTable
 
 log = logging.getLogger(__name__)
@@ -42,6 +47,55 @@ async def retry_forever(what: str, call, *args):
         if failures:
             log.info("%s recovered after %d failed attempts over %.1fs", what, failures, time.monotonic() - first_failure)
         return result
+
+
+class TopicPublisher:
+    """Records for one topic through a producer of the agent's own, sent a micro-batch at a time in multi-record
+    batches, and waited for until the broker has them all.
+
+    The app's producer sends single-record batches in the dev profile (tansu's end offsets need them for table
+    changelogs, streams.app): one produce request per published vector cost the broker a quarter of its CPU
+    at saturation (BENCHMARKS.md, issue 19). A failed send is retried, backing off, until the broker has the
+    batch (a record sent twice is harmless: its readers keep the newest per item)."""
+
+    def __init__(self, settings: Settings, topic: str):
+        self.settings = settings
+        self.topic = topic
+        self.producer: AIOKafkaProducer | None = None  # started at the first batch, again after a failed start
+
+    async def publish(self, records: list[tuple[bytes, bytes]]) -> None:
+        """(key, value) records, in order per key."""
+        delay, failures = 0.1, 0
+        while True:
+            try:
+                if self.producer is None:
+                    self.producer = await self._started_producer()
+                sent = [await self.producer.send(self.topic, value, key=key) for key, value in records]
+                await asyncio.gather(*sent)
+                return
+            except KafkaError as err:
+                failures += 1
+                metrics.WRITE_RETRIES.labels(f"publish on {self.topic}").inc()
+                log.warning("publishing on %s failed (attempt %d, %s); retrying in %.1fs", self.topic, failures,
+                            describe(err), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY_S)
+
+    async def stop(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()
+            self.producer = None
+
+    async def _started_producer(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap.split(","), enable_idempotence=False,  # tansu: no InitProducerId
+            compression_type=self.settings.producer_compression_type, **self.settings.aiokafka_client_options())
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        return producer
 
 
 def describe(err: Exception, limit: int = 300) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -163,6 +164,8 @@ def train(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     for epoch in range(config.max_epochs):
         model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(config, epoch)
         batches = list(window_batches(split.train, config, rng))
         progress = tqdm(batches, desc=f"{config.name} [{split.protocol}] epoch {epoch}", leave=False,
                         disable=not show_progress)
@@ -204,6 +207,12 @@ def train(
     if out_dir is not None:
         (Path(out_dir) / HISTORY).write_text(json.dumps(history, indent=1))
     return model.eval(), history
+
+
+def epoch_lr(config: TrainConfig, epoch: int) -> float:
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1 + math.cos(math.pi * epoch / config.max_epochs))
+    return config.lr
 
 
 def save_checkpoint(path: Path, config: TrainConfig, model: LEARN, history: dict) -> None:
