@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ENCODER_FORMAT = 4  # 2: tokenizer.json read by `tokenizers`, pad_token_id in encoder.json; 3: int8 with static
-# activation scales; 4: every MatMul int8, outlier channels smoothed (encoders.training.quantize)
+ENCODER_FORMAT = 5  # 2: tokenizer.json read by `tokenizers`, pad_token_id in encoder.json; 3: int8 with static
+# activation scales; 4: every MatMul int8, outlier channels smoothed; 5: 7-bit weights (encoders.training.quantize)
 ENCODER_METADATA = "encoder.json"
 ENCODER_ONNX = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 ENCODER_COMPLETE = ENCODER_ONNX["fp32"]  # written last by an export

@@ -21,7 +21,12 @@ OUTLIER_PRODUCERS = {"LayerNormalization", "Gelu"}
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration_ids: list[list[int]],
                   outlier_percentile: float = 99.0) -> None:
-    """Every MatMul in int8 (u8 activations x s8 per-channel weights, VNNI), with static activation scales.
+    """Every MatMul in int8 (u8 activations x s8 per-channel weights), with static activation scales.
+    - 7-bit weights (ORT's reduce_range): a CPU without VNNI (AVX2 only: vpmaddubsw) adds each pair of u8 x s8
+      products into a saturating int16, which full-range weights overflow: on an AVX2-only EPYC (Zen 3) the
+      8-bit graph came out at min cosine 0.9886 to fp32 on the catalogue, under the 0.99 bar, and 0.9915 with
+      7-bit weights; the same kernels run, so no speed is lost. One graph for every CPU: a model version must
+      mean the same vectors wherever it is exported (where VNNI exists, 8-bit weights measured 0.996).
 
     - Static scales: each activation's range over `calibration_ids` (token ids, one text each). ORT's dynamic
       quantization picks a scale per batch, so a text encoded alone and inside a batch came out different
@@ -49,7 +54,8 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_ids: list[list[i
     with tempfile.TemporaryDirectory(dir=int8_path.parent) as tmp:
         smoothed, dynamic = Path(tmp) / "smoothed.onnx", Path(tmp) / "dynamic.onnx"
         onnx.save(model, str(smoothed))
-        quantize_dynamic(str(smoothed), str(dynamic), per_channel=True, weight_type=QuantType.QInt8)
+        quantize_dynamic(str(smoothed), str(dynamic), per_channel=True, weight_type=QuantType.QInt8,
+                         reduce_range=True)
         model = onnx.load(str(dynamic))
     _static_activation_scales(model, ranges)
     _fuse_integer_matmuls(model)
