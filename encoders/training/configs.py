@@ -108,6 +108,19 @@ CONFIGS: dict[str, TrainConfig] = {
             patience=20, command="coldstart evaluate --config learn-hybrid-minilm-cosine --sasrec off --seeds 3",
             model=replace(_LEARN.model, id_residual=True, id_dropout=0.3),
         ),
+        # 2026-12-06: four times the updates per epoch (windows of 32 per step, was 128): the constant-rate
+        # curve still rose at epoch 70–100, so the default looked short of updates, not of epochs.
+        replace(
+            _LEARN, name="learn-hybrid-minilm-b32", date="2026-12-06", batch_size=32,
+            command="coldstart evaluate --config learn-hybrid-minilm-b32 --sasrec off --seeds 3",
+            model=replace(_LEARN.model, id_residual=True, id_dropout=0.3),
+        ),
+        # 2026-12-06: the next action only (next_k 1, as SASRec trains): loo's target is the next item.
+        replace(
+            _LEARN, name="learn-hybrid-minilm-next1", date="2026-12-06", next_k=1,
+            command="coldstart evaluate --config learn-hybrid-minilm-next1 --sasrec off --seeds 3",
+            model=replace(_LEARN.model, id_residual=True, id_dropout=0.3),
+        ),
         # Ablations of pure LEARN's objective: in-batch negatives (the default until 2026-12-01);
         # a sampled softmax with logQ over a shared pool of 512 (the large-catalogue form).
         replace(_LEARN, name="learn-minilm-inbatch", loss="in_batch", mask_history=False,
