@@ -51,8 +51,8 @@ class TrainConfig:
 
 
 # The served default: the hybrid (ID parts for items seen in training, content alone for the rest)
-# trained on each position's next action — chosen on validation NDCG@50 (EVALUATION.md, "One model for
-# warm and cold"): loo seeds 0–2, 0.200 / 0.202 / 0.208 against 0.183 / 0.173 / … for the same hybrid
+# trained on each position's next action — chosen on validation NDCG@50 (EVALUATION.md, "2026-12-06 (later):
+# the next-action hybrid is the served default"): loo seeds 0–2, 0.200 / 0.202 / 0.208 against 0.183 / 0.173 / … for the same hybrid
 # trained on the next 10 actions (`learn-hybrid-minilm`, the served default until 2026-12-06).
 DEFAULT = "learn-hybrid-minilm-next1"
 PURE_LEARN = "learn-minilm"  # content only: LEARN as published, kept as a named row
@@ -108,14 +108,15 @@ CONFIGS: dict[str, TrainConfig] = {
         ),
         # 2026-12-06: the learning rate decayed over a fixed budget of 60 epochs (cosine), with a patience that
         # lets it finish: the validation curve at a constant rate moves ±0.01 per epoch, so where patience 10
-        # stopped decided much of the seeds' spread.
+        # stopped decided much of the seeds' spread. Lost on validation (loo seed 0): 0.1686 against 0.1827.
         replace(
             _LEARN, name="learn-hybrid-minilm-cosine", date="2026-12-06", lr_schedule="cosine", max_epochs=60,
             patience=20, command="coldstart evaluate --config learn-hybrid-minilm-cosine --sasrec off --seeds 3",
             model=replace(_LEARN.model, id_residual=True, id_dropout=0.3),
         ),
         # 2026-12-06: four times the updates per epoch (windows of 32 per step, was 128): the constant-rate
-        # curve still rose at epoch 70–100, so the default looked short of updates, not of epochs.
+        # curve still rose at epoch 70–100, so the default looked short of updates, not of epochs. Lost on
+        # validation (loo seed 0): 0.1745 against 0.1827.
         replace(
             _LEARN, name="learn-hybrid-minilm-b32", date="2026-12-06", batch_size=32,
             command="coldstart evaluate --config learn-hybrid-minilm-b32 --sasrec off --seeds 3",
