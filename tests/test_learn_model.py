@@ -9,7 +9,7 @@ import torch
 
 from encoders.training.configs import get_config
 from encoders.training.datasets import make_split
-from encoders.training.evaluate import Paths, summarise, trained_learn
+from encoders.training.evaluate import Paths, current_history, summarise, trained_learn, train_missing
 from encoders.training.model import LEARN, LEARNConfig, Whitening, dense_all_action_loss
 from encoders.training.train import Candidates, history_exclusions, train, window_batches
 from tests.learn_fixtures import ml100k, ml100k_small  # noqa: F401  (fixtures)
@@ -186,3 +186,16 @@ def test_a_checkpoint_is_reused_only_while_its_config_is_unchanged(ml100k_small,
     retrained = trained_learn(changed, data, split, content, paths)
     assert retrained.history["settings"]["lr"] == changed.lr
     assert retrained.history["train_seconds"] != first.history["train_seconds"]
+
+
+def test_missing_runs_train_side_by_side_in_processes_then_are_reused(ml100k_small, tmp_path):
+    data, content = ml100k_small
+    config = replace(small_config(), max_epochs=1)
+    splits = {("loo", 0): make_split(data, "loo"), ("cold", 1): make_split(data, "cold", config.cold_fraction, 1)}
+    paths = Paths(tmp_path)
+    assert train_missing([config], splits, data, {config.encoder: content}, paths, jobs=2) == 2
+    for (protocol, seed) in splits:
+        history = current_history(replace(config, seed=seed), paths.run_dir(data.name, replace(config, seed=seed),
+                                                                            protocol), data)
+        assert history is not None and history["protocol"] == protocol and history["steps"] > 0
+    assert train_missing([config], splits, data, {config.encoder: content}, paths, jobs=2) == 0  # all current

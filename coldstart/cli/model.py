@@ -217,13 +217,15 @@ def train(settings: Settings, config_name: str, protocol: str, data_path: Path |
 @click.option("--seeds", type=click.IntRange(1, 10), default=SEEDS, show_default=True,
               help="Run every model on seeds 0..N-1 (training seed and, for 'cold', which items are cold); "
                    "the table shows mean ± std.")
+@click.option("--jobs", type=click.IntRange(1), default=None,
+              help="Trainings run side by side, each in its own process (default: one per core).")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Folder for the PNG plots and results.json (default: data/eval/).")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON object on the last line.")
 @data_options
 @click.pass_obj
 def evaluate(settings: Settings, config_name: str, extras: tuple[str, ...], sasrec: str, protocol: str, retrain: bool,
-             seeds: int, plots_dir: Path | None, as_json: bool, data_path: Path | None, skip_bad_rows: bool) -> None:
+             seeds: int, jobs: int | None, plots_dir: Path | None, as_json: bool, data_path: Path | None, skip_bad_rows: bool) -> None:
     """Score LEARN, SASRec, popularity and raw content on a data set (default ML-100K): protocols loo and cold."""
     from encoders.training.datasets import make_split
     from encoders.training.evaluate import PROTOCOLS, format_table, plot
@@ -237,7 +239,7 @@ def evaluate(settings: Settings, config_name: str, extras: tuple[str, ...], sasr
     for name in protocols:
         _check_trainable(make_split(loaded, name, config.cold_fraction, config.seed), loaded.name)
     report = run_evaluation(paths, config.name, tuple(c.name for c in extras), sasrec=sasrec, protocols=protocols,
-                            retrain=retrain, dataset=(loaded, read), seeds=tuple(range(seeds)))
+                            retrain=retrain, dataset=(loaded, read), seeds=tuple(range(seeds)), jobs=jobs)
     out_dir = plots_dir or paths.root / "eval"
     written = plot(report, paths, out_dir)
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))

@@ -252,7 +252,7 @@ def dense_all_action_loss(
     """
     P, K = positives.shape
     assert user.shape[0] == P and user.shape[1] == items.shape[1]
-    logits = user @ items.T / temperature  # (P, M)
+    logits = (user / temperature) @ items.T  # (P, M); scaling the (P, D) side is M/D times less work
     if log_q is not None:
         logits = logits - log_q
     valid = positives >= 0  # (P, K)
