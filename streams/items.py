@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,10 @@ from streams.sinks import OfflineBuffer, TopicPublisher, retry_forever
 from streams.validation import parse_item_upload
 
 log = logging.getLogger(__name__)
+
+# A batch being written, one being encoded and one queued behind it: enough to keep both cores busy at
+# saturation (BENCHMARKS.md, issue 19), few enough that a stop leaves little to redo.
+MAX_BATCHES_IN_FLIGHT = 3
 
 
 def encode(version: VersionModels, items: list[ItemUpload], content: dict) -> np.ndarray:
@@ -60,9 +65,10 @@ def register(app) -> None:
         offline = OfflineBuffer(stream, active.item_offline, settings.offline_flush_seconds)
         app.offline_buffers.append(offline)
         published = TopicPublisher(settings, "item-embeddings")
-        # Two stages: a batch is encoded while the one before it is written (the cores would idle through each
-        # write otherwise); writes, and so acknowledgements, stay in arrival order.
-        writing: asyncio.Future | None = None
+        # Batches overlap: one is written while the next ones are encoded, and a batch's encode starts while the
+        # one before it is still running, so its runs queue behind the other's and no core idles between calls
+        # or through a write. Writes, and so acknowledgements, stay in arrival order.
+        in_flight: deque[asyncio.Future] = deque()  # each batch's encode-then-write, oldest first
         try:
             async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_ms / 1000):
                 metrics.MICRO_BATCH_EVENTS.labels("items").observe(len(events))
@@ -73,14 +79,14 @@ def register(app) -> None:
                 for item in await forwarder.forward_pending():
                     batch.add(item, None)
                 versions = await asyncio.to_thread(served.current)
-                for version in versions:
-                    await batch.encode(app, version)
-                if writing is not None:
-                    await writing
-                writing = asyncio.ensure_future(write_batch(app, served, offline, published, batch, versions))
+                encoded = asyncio.ensure_future(batch.encode_all(app, versions))
+                in_flight.append(asyncio.ensure_future(write_in_turn(
+                    in_flight[-1] if in_flight else None, encoded, app, served, offline, published, batch, versions)))
+                while in_flight and (in_flight[0].done() or len(in_flight) > MAX_BATCHES_IN_FLIGHT):
+                    await in_flight.popleft()  # a failure surfaces here
         finally:
-            if writing is not None and not writing.done():
-                writing.cancel()  # stopping: its events are not acknowledged, so the next worker gets them again
+            for batch_done in in_flight:
+                batch_done.cancel()  # stopping: their events are not acknowledged, so the next worker gets them again
             await published.stop()
 
 
@@ -100,10 +106,24 @@ class ItemBatch:
         if sent_at is not None:
             self.sent_at.append(sent_at)
 
+    async def encode_all(self, app, versions: list[VersionModels]) -> None:
+        for version in versions:
+            await self.encode(app, version)
+
     async def encode(self, app, version: VersionModels) -> None:
         if self.uploads and version.name not in self.vectors:
             self.vectors[version.name] = await asyncio.get_running_loop().run_in_executor(
                 app.model_executor, encode, version, self.uploads, self.content)
+
+
+async def write_in_turn(before: asyncio.Future | None, encoded: asyncio.Future, app, served: ServedVersions,
+                        offline: OfflineBuffer, published: TopicPublisher, batch: ItemBatch,
+                        versions: list[VersionModels]) -> None:
+    """write_batch once the batch is encoded and the batch before it is written."""
+    await encoded
+    if before is not None:
+        await asyncio.shield(before)  # its own failure is raised where it is awaited in the agent
+    await write_batch(app, served, offline, published, batch, versions)
 
 
 async def write_batch(app, served: ServedVersions, offline: OfflineBuffer, published: TopicPublisher,

@@ -6,9 +6,12 @@ import json
 import os
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 import numpy as np
+import psutil
 
 from coldstart.config import PROJECT_ROOT, Settings
 
@@ -43,6 +46,17 @@ def items_per_s(encode, batches: list[list[str]]) -> tuple[float, np.ndarray]:
     start = time.perf_counter()
     vectors = np.concatenate([encode(b) for b in batches])
     return sum(map(len, batches)) / (time.perf_counter() - start), vectors
+
+
+@contextmanager
+def suspended(pid: int) -> Iterator[None]:
+    """The process stopped (SIGSTOP) for the block's duration, so a row measured alone has the cores alone."""
+    process = psutil.Process(pid)
+    process.suspend()
+    try:
+        yield
+    finally:
+        process.resume()
 
 
 def unique_items(catalogue: list[dict], tag: str, count: int) -> list[dict]:
