@@ -8,7 +8,7 @@ Protocols (encoders.datasets.make_split), every model scored by one ranker
   ("cold_warm") targets.
 
 Models: "learn" (the named default config, the hybrid; trained first if it has no
-checkpoint), "learn-minilm" (pure LEARN, content only: always reported), "sasrec" (RecBole, cached per split), "pop" (training-interaction
+checkpoint), "learn-minilm-next1" (pure LEARN, content only: always reported), "sasrec" (RecBole, cached per split), "pop" (training-interaction
 counts), "content" (user = mean of the history's frozen content embeddings,
 cosine to items, no training), plus any extra LEARN configs asked for.
 """
