@@ -140,11 +140,13 @@ def train_missing(configs: list[TrainConfig], splits: dict[tuple[str, int], Spli
     """Train every (config, split) whose checkpoint is missing or stale, `jobs` runs at a time (default: one per
     core), each in its own process on cores // jobs threads; returns how many were trained.
 
-    A run's small matrices keep one core busy far better than they split across two, so on a 2-core machine
-    two one-thread runs side by side finish close to twice as fast as the same runs one after the other."""
-    pending = [(replace(config, seed=seed), split) for (protocol, seed), split in splits.items() for config in configs
-               if retrain or current_history(replace(config, seed=seed),
-                                             paths.run_dir(data.name, replace(config, seed=seed), protocol), data) is None]
+    A run's small matrices keep one core busier than they keep two: on the 2-core machine two one-thread runs
+    side by side took 8.2 s an epoch each, one two-thread run 5.2 s (1.3x the epochs per second side by side)."""
+    pending = []
+    for (protocol, seed), split in splits.items():
+        for config in (replace(c, seed=seed) for c in configs):
+            if retrain or current_history(config, paths.run_dir(data.name, config, protocol), data) is None:
+                pending.append((config, split))
     cores = os.cpu_count() or 1
     jobs = min(jobs or cores, len(pending))
     if jobs <= 1 or pick_device().type == "cuda":  # one run (or a GPU): in this process, with its progress bar
