@@ -195,7 +195,7 @@ def test_missing_runs_train_side_by_side_in_processes_then_are_reused(ml100k_sma
     paths = Paths(tmp_path)
     assert train_missing([config], splits, data, {config.encoder: content}, paths, jobs=2) == 2
     for (protocol, seed) in splits:
-        history = current_history(replace(config, seed=seed), paths.run_dir(data.name, replace(config, seed=seed),
-                                                                            protocol), data)
+        seeded = replace(config, seed=seed)
+        history = current_history(seeded, paths.run_dir(data.name, seeded, protocol), data)
         assert history is not None and history["protocol"] == protocol and history["steps"] > 0
     assert train_missing([config], splits, data, {config.encoder: content}, paths, jobs=2) == 0  # all current

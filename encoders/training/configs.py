@@ -75,6 +75,7 @@ CONFIGS: dict[str, TrainConfig] = {
     c.name: c
     for c in [
         _LEARN,
+        replace(_LEARN, name=PURE_LEARN, date="2026-12-06", next_k=1, command="coldstart evaluate"),
         replace(
             _LEARN, name=DEFAULT, date="2026-12-06", next_k=1, command="coldstart evaluate",
             model=replace(_LEARN.model, id_residual=True, id_dropout=0.3),
@@ -140,8 +141,7 @@ CONFIGS: dict[str, TrainConfig] = {
             model=replace(_LEARN.model, content_dim=576),
             command="coldstart train --config learn-smollm2",
         ),
-        # Ablations of LEARN's towers: the PCH architecture as item tower.
-        replace(_LEARN, name=PURE_LEARN, date="2026-12-06", next_k=1, command="coldstart evaluate"),
+        # Ablation of LEARN's towers: the PCH architecture as item tower.
         replace(
             _LEARN, name="learn-minilm-pchitem", model=replace(_LEARN.model, item_tower="pch"),
             command="coldstart train --config learn-minilm-pchitem",
