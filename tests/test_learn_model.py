@@ -199,3 +199,17 @@ def test_missing_runs_train_side_by_side_in_processes_then_are_reused(ml100k_sma
         history = current_history(seeded, paths.run_dir(data.name, seeded, protocol), data)
         assert history is not None and history["protocol"] == protocol and history["steps"] > 0
     assert train_missing([config], splits, data, {config.encoder: content}, paths, jobs=2) == 0  # all current
+
+
+def test_validation_scores_cold_targets_apart_and_a_moving_average_is_what_is_kept(ml100k_small):
+    data, content = ml100k_small
+    config = small_config(loss="full", mask_history=True, max_epochs=1)
+    config = replace(config, model=replace(config.model, id_residual=True, id_dropout=0.3))
+    split = make_split(data, "cold", seed=0)
+    raw, history = train(config, split, content, show_progress=False)
+    (epoch,) = history["epochs"]
+    assert {"valid_ndcg@50", "valid_cold_ndcg@50", "valid_warm_hr@50"} <= set(epoch)
+    # Decay ~1: the average stays where training started (ID tables start at zero); the weights themselves moved.
+    averaged, _ = train(replace(config, ema_decay=1 - 1e-9), split, content, show_progress=False)
+    assert raw.item_ids.weight.abs().max() > 1e-3
+    assert averaged.item_ids.weight.abs().max() < 1e-6

@@ -38,6 +38,9 @@ class TrainConfig:
     # refine instead of jumping around the validation optimum.
     lr_schedule: str = "constant"
     weight_decay: float = 0.01
+    # > 0: validate and keep an exponential moving average of the weights (this decay per step) instead of the
+    # weights themselves: a smoother validation curve, so patience stops on a trend rather than on noise.
+    ema_decay: float = 0.0
     max_epochs: int = 200
     patience: int = 10  # stop after this many epochs without a better validation NDCG@50
     seed: int = 0
@@ -48,6 +51,7 @@ class TrainConfig:
         assert self.loss in LOSSES, f"loss must be one of {LOSSES}"
         assert self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"
         assert (self.loss == "sampled") == (self.negatives > 0), "negatives: the sampled loss's pool size"
+        assert 0.0 <= self.ema_decay < 1.0, "ema_decay: 0 (off) or the moving average's decay per step"
 
 
 # The served default: the hybrid (ID parts for items seen in training, content alone for the rest)

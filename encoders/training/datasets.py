@@ -184,8 +184,10 @@ class Split:
     "loo": per user, last interaction = test, second-to-last = validation, the
     rest = training (RecBole: split LS valid_and_test, order TO, group_by user).
     "cold": as "loo", but no interaction with a cold item is trained on (neither
-    as input nor as target) and validation targets are warm items only; at test
-    time a model sees the user's complete history, cold items included.
+    as input nor as target); validation and test targets are both kinds, so
+    what is chosen on validation sees cold targets too (SASRec, an ID model,
+    validates on the warm ones: sasrec_baseline); a model sees the user's
+    complete history, cold items included.
     Users with fewer than 3 interactions only contribute training data.
     """
 
@@ -225,7 +227,7 @@ def make_split(data: Interactions, protocol: str, cold_fraction: float = 0.2, se
             train.append(seq[~cold[seq]])
             continue
         test[user] = seq[-1]
-        valid[user] = -1 if cold[seq[-2]] else seq[-2]
+        valid[user] = seq[-2]
         head = seq[:-2]
         train.append(head[~cold[head]])
     return Split(protocol, train, valid, test, data.sequences, cold)

@@ -51,6 +51,9 @@ class LEARNConfig:
     id_residual: bool = False  # True: the hybrid: a learned ID vector per item seen in training
     id_dropout: float = 0.0  # hybrid: chance that an item occurrence's ID part is dropped in training
     whiten: bool = False  # PCA-whiten the content embeddings before the towers
+    # Dropout on the item tower's content input (training only): the hybrid's ID part memorises warm items, so the
+    # content path is kept from memorising their exact embeddings too, for items it never saw.
+    content_dropout: float = 0.0
 
     def __post_init__(self):
         assert self.dim % self.n_heads == 0, "dim must split evenly across heads"
@@ -107,14 +110,18 @@ class PCH(nn.Module):
         self.head = nn.Linear(config.dim, config.out_dim)
 
     def forward(self, content: torch.Tensor, mask: torch.Tensor, id_residual: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, _ = content.shape
+        return self.over_projected(self.input(content), mask, id_residual)
+
+    def over_projected(self, x: torch.Tensor, mask: torch.Tensor, id_residual: torch.Tensor | None = None) -> torch.Tensor:
+        """forward() from the input projection's output x (B, T, D) on: training projects the content table
+        once per step and indexes it, which is fewer products than projecting every position."""
+        B, T, _ = x.shape
         assert T <= self.position.num_embeddings, f"history of {T} > max_history"
-        x = self.input(content)  # (B, T, D)
         if id_residual is not None:
             x = x + id_residual  # (B, T, D), zero for items never trained on
-        x = self.drop(x + self.position(torch.arange(T, device=content.device)))
-        causal = torch.ones(T, T, dtype=torch.bool, device=content.device).tril()  # (T, T)
-        itself = torch.eye(T, dtype=torch.bool, device=content.device)  # keeps padded rows from being empty
+        x = self.drop(x + self.position(torch.arange(T, device=x.device)))
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
+        itself = torch.eye(T, dtype=torch.bool, device=x.device)  # keeps padded rows from being empty
         allowed = (causal & (mask[:, None, :].bool() | itself))[:, None]  # (B, 1, T, T)
         for block in self.blocks:
             x = block(x, allowed)
@@ -127,6 +134,7 @@ class ItemTower(nn.Module):
     def __init__(self, config: LEARNConfig):
         super().__init__()
         self.kind = config.item_tower
+        self.content_drop = nn.Dropout(config.content_dropout)
         if self.kind == "mlp":
             self.input = nn.Linear(config.content_dim, config.item_hidden)
             self.output = nn.Sequential(
@@ -136,6 +144,7 @@ class ItemTower(nn.Module):
             self.pch = PCH(config, config.content_dim)
 
     def forward(self, content: torch.Tensor, id_residual: torch.Tensor | None = None) -> torch.Tensor:
+        content = self.content_drop(content)
         if self.kind == "mlp":
             x = self.input(content)  # (..., H)
             if id_residual is not None:
@@ -198,7 +207,10 @@ class LEARN(nn.Module):
         """history (B, T) item indices, right-padded with -1 → (B, T, out_dim): one vector per prefix."""
         mask = history >= 0  # (B, T)
         items = history.clamp(min=0)
-        return self.history_vectors(self.content[items], mask, self.history_id_parts(items))
+        if self.config.shared_input:
+            return self.history_vectors(self.content[items], mask, self.history_id_parts(items))
+        projected = self.user_tower.input(self.whitening(self.content))  # (I, D): the same as per position, cheaper
+        return self.user_tower.over_projected(projected[items], mask, self.history_id_parts(items))
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """items (...) item indices → (..., out_dim)."""

@@ -101,7 +101,9 @@ def write_benchmark(data: Interactions, split: Split, folder: Path) -> None:
             f.writelines(row(u, seq[:i], seq[i]) for i in range(1, len(seq)))
     with open(folder / "sasrec.valid.inter", "w") as f:
         f.write(header)
-        f.writelines(row(u, split.valid_history(u), split.valid[u]) for u in np.flatnonzero(split.valid >= 0))
+        validated = np.flatnonzero(split.valid >= 0)
+        validated = validated[~split.cold[split.valid[validated]]]  # an ID model cannot rank an item it never saw
+        f.writelines(row(u, split.valid_history(u), split.valid[u]) for u in validated)
     with open(folder / "sasrec.test.inter", "w") as f:
         f.write(header)
         f.writelines(row(u, split.test_history(u), split.test[u]) for u in np.flatnonzero(split.test >= 0))

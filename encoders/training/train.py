@@ -9,6 +9,7 @@ training stops after `patience` epochs without improvement.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -129,10 +130,18 @@ def score_all(model: LEARN, histories: list[np.ndarray], batch_size: int = 256) 
 
 
 def validate(model: LEARN, split: Split) -> dict[str, float]:
+    """Metrics on the validation targets (these choose the epoch); on the cold protocol also per kind of
+    target ("cold_ndcg@50", "warm_ndcg@50", …), which is what choosing between configs for cold items needs."""
     users = np.flatnonzero(split.valid >= 0)
+    targets = split.valid[users]
     histories = [split.valid_history(u) for u in users]
-    ranks = target_ranks(score_all(model, histories), split.valid[users], histories)
-    return rank_metrics(ranks)
+    ranks = target_ranks(score_all(model, histories), targets, histories)
+    metrics = rank_metrics(ranks)
+    if split.cold.any():
+        cold = split.cold[targets]
+        for kind, mask in (("cold", cold), ("warm", ~cold)):
+            metrics |= {f"{kind}_{name}": value for name, value in rank_metrics(ranks[mask]).items()}
+    return metrics
 
 
 def train(
@@ -153,6 +162,7 @@ def train(
     model_config = config.model
     assert content.shape[1] == model_config.content_dim, "config.model.content_dim must match the encoder"
     model = LEARN(model_config, torch.from_numpy(content), torch.from_numpy(split.trained_items())).to(device)
+    averaged = copy.deepcopy(model) if config.ema_decay else model  # what is validated and kept
     candidates = Candidates(config, split, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history = {"config": config.name, "settings": asdict(config), "protocol": split.protocol,
@@ -176,6 +186,10 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if averaged is not model:
+                with torch.no_grad():
+                    for mean, param in zip(averaged.parameters(), model.parameters()):
+                        mean.lerp_(param, 1.0 - config.ema_decay)
             losses.append(loss.item())
             progress.set_postfix(loss=f"{losses[-1]:.4f}")
             step += 1
@@ -184,7 +198,7 @@ def train(
         history["step_loss"] += losses
         if max_steps is not None and step >= max_steps:
             break
-        metrics = validate(model, split)
+        metrics = validate(averaged, split)
         history["epochs"].append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.time() - started,
                                   **{f"valid_{k}": v for k, v in metrics.items()}})
         improved = metrics[VALID_METRIC] > best
@@ -192,10 +206,10 @@ def train(
                  np.mean(losses), VALID_METRIC, metrics[VALID_METRIC], " *" if improved else "")
         if improved:
             best, stale = metrics[VALID_METRIC], 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in averaged.state_dict().items()}
             history["best_epoch"] = epoch
             if out_dir is not None:
-                save_checkpoint(Path(out_dir) / CHECKPOINT, config, model, history)
+                save_checkpoint(Path(out_dir) / CHECKPOINT, config, averaged, history)
         else:
             stale += 1
             if stale >= config.patience:
