@@ -99,6 +99,21 @@ def test_towers_are_causal_unit_norm_and_ignore_padding(item_tower):
     assert torch.allclose(last, torch.stack([padded[0, 2], a[0, 4]]), atol=1e-6)
 
 
+def test_content_dropout_touches_only_items_without_an_id_part():
+    model = tiny_model(dropout=0.0, id_residual=True, content_dropout=0.5)
+    with torch.no_grad():
+        model.item_ids.weight.normal_()
+        items = torch.arange(10)
+        with_ids = model.item_id_parts(items)  # in eval: every item's ID part (all ten are warm)
+        with_ids[5:] = 0  # items 5..9 as content only: never trained on, or their ID part dropped
+        model.train()
+        first, second = (model.content_item_vectors(model.content[items], with_ids) for _ in range(2))
+        assert torch.equal(first[:5], second[:5])  # items with an ID part see their exact content
+        assert not torch.allclose(first[5:], second[5:])  # the content-only ones a noisy copy
+        model.eval()
+        assert torch.equal(*(model.content_item_vectors(model.content[items], with_ids) for _ in range(2)))
+
+
 def test_windows_cover_every_next_action_once():
     config = replace(get_config("learn-minilm"), model=replace(get_config("learn-minilm").model, max_history=4),
                      next_k=2, batch_size=3)

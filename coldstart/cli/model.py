@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_CHOICE = click.Choice(["loo", "cold", "both"])
 SEEDS = 3  # every reported row: mean and spread over three seeds (three cold-item splits)
-CONFIG_HELP = "A named config of encoders/training/configs.py (default: its DEFAULT, learn-hybrid-minilm-next1)."
+CONFIG_HELP = "A named config of encoders/training/configs.py (default: its DEFAULT, learn-hybrid-minilm-next1-cdrop)."
 
 
 def _config(name: str | None):

@@ -55,10 +55,11 @@ class TrainConfig:
 
 
 # The served default: the hybrid (ID parts for items seen in training, content alone for the rest)
-# trained on each position's next action — chosen on validation NDCG@50 (EVALUATION.md, "2026-12-06 (later):
-# the next-action hybrid is the served default"): loo seeds 0–2, 0.200 / 0.202 / 0.208 against 0.183 / 0.173 / … for the same hybrid
-# trained on the next 10 actions (`learn-hybrid-minilm`, the served default until 2026-12-06).
-DEFAULT = "learn-hybrid-minilm-next1"
+# trained on each position's next action, with dropout on the content of items that have no ID part. Chosen on
+# validation NDCG@50 (EVALUATION.md, "2026-12-06 (session 11)"), seed 0: loo 0.204, cold 0.173 against 0.200 / 0.166
+# without content dropout (`learn-hybrid-minilm-next1`, the served default until then, itself chosen over the next-10
+# hybrid `learn-hybrid-minilm` on loo validation 0.200 / 0.202 / 0.208 against 0.183 / 0.173).
+DEFAULT = "learn-hybrid-minilm-next1-cdrop"
 # Pure LEARN, the content-only towers, always reported beside the default: trained on the next action, like the
 # default. Chosen on validation (EVALUATION.md, 2026-12-06): loo validation NDCG@50 0.174–0.178 over seeds 0–2
 # against 0.152 (seed 0) for LEARN's own loss over the next 10 actions (`learn-minilm`, the reported row until then).
@@ -82,6 +83,12 @@ CONFIGS: dict[str, TrainConfig] = {
         replace(_LEARN, name=PURE_LEARN, date="2026-12-06", next_k=1, command="coldstart evaluate"),
         replace(
             _LEARN, name=DEFAULT, date="2026-12-06", next_k=1, command="coldstart evaluate",
+            model=replace(_LEARN.model, id_residual=True, id_dropout=0.3, content_dropout=0.3),
+        ),
+        # The served default until 2026-12-06 (session 11): the same without content dropout.
+        replace(
+            _LEARN, name="learn-hybrid-minilm-next1", date="2026-12-06", next_k=1,
+            command="coldstart evaluate --extra learn-hybrid-minilm-next1",
             model=replace(_LEARN.model, id_residual=True, id_dropout=0.3),
         ),
         # Ablations of the hybrid. Dense all-action (the next 10 actions, LEARN's loss); and, on that one, without

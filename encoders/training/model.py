@@ -51,8 +51,9 @@ class LEARNConfig:
     id_residual: bool = False  # True: the hybrid: a learned ID vector per item seen in training
     id_dropout: float = 0.0  # hybrid: chance that an item occurrence's ID part is dropped in training
     whiten: bool = False  # PCA-whiten the content embeddings before the towers
-    # Dropout on the item tower's content input (training only): the hybrid's ID part memorises warm items, so the
-    # content path is kept from memorising their exact embeddings too, for items it never saw.
+    # Dropout on the item tower's content input where an item has no ID part (training only: never trained on, or
+    # its ID part dropped this time): the content-only path — all a cold item gets — learns from noisy content
+    # instead of memorising the warm items' exact embeddings, which the ID part does.
     content_dropout: float = 0.0
 
     def __post_init__(self):
@@ -144,7 +145,9 @@ class ItemTower(nn.Module):
             self.pch = PCH(config, config.content_dim)
 
     def forward(self, content: torch.Tensor, id_residual: torch.Tensor | None = None) -> torch.Tensor:
-        content = self.content_drop(content)
+        if self.training and self.content_drop.p > 0:
+            content_only = True if id_residual is None else (id_residual == 0).all(dim=-1, keepdim=True)  # (..., 1)
+            content = torch.where(content_only, self.content_drop(content), content)
         if self.kind == "mlp":
             x = self.input(content)  # (..., H)
             if id_residual is not None:
