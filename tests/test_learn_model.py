@@ -112,6 +112,9 @@ def test_content_dropout_touches_only_items_without_an_id_part():
         assert not torch.allclose(first[5:], second[5:])  # the content-only ones a noisy copy
         model.eval()
         assert torch.equal(*(model.content_item_vectors(model.content[items], with_ids) for _ in range(2)))
+    content_only = tiny_model(dropout=0.0, content_dropout=0.5).train()  # no ID parts at all: every item
+    with torch.no_grad():
+        assert not torch.allclose(*(content_only.item_vectors(torch.arange(10)) for _ in range(2)))
 
 
 def test_windows_cover_every_next_action_once():

@@ -146,8 +146,11 @@ class ItemTower(nn.Module):
 
     def forward(self, content: torch.Tensor, id_residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.training and self.content_drop.p > 0:
-            content_only = True if id_residual is None else (id_residual == 0).all(dim=-1, keepdim=True)  # (..., 1)
-            content = torch.where(content_only, self.content_drop(content), content)
+            if id_residual is None:  # content-only towers: every item is content only
+                content = self.content_drop(content)
+            else:
+                content_only = (id_residual == 0).all(dim=-1, keepdim=True)  # (..., 1)
+                content = torch.where(content_only, self.content_drop(content), content)
         if self.kind == "mlp":
             x = self.input(content)  # (..., H)
             if id_residual is not None:
