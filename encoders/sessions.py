@@ -66,4 +66,7 @@ def _inference_session(model_path: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
+    # Idle pool threads sleep instead of spinning for the next run: spinning after each tower call took 0.15 of
+    # the worker's 2 cores from the encoder's one-thread runs at saturation (BENCHMARKS.md, issue 19, session 12).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(model_path), options, providers=pick_providers())

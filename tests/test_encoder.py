@@ -83,3 +83,19 @@ def test_served_int8_vector_does_not_depend_on_what_shares_its_batch(served_and_
     alone = np.stack([int8.encode([t])[0] for t in texts])
     together = int8.encode(texts)
     assert np.abs(alone - together).max() < 1e-5  # static activation scales: only float summation order differs
+
+
+def test_an_idle_session_leaves_the_cores_to_others(encoders_pair):
+    """Between runs the intra-op pool's threads sleep: spinning for the next run (ORT's default) burned half a core
+    after each call, which the worker's other sessions needed (BENCHMARKS.md, issue 19, session 12)."""
+    import time
+
+    onnx_encoder = encoders_pair[0]
+    feeds = onnx_encoder._feeds([e.ids for e in onnx_encoder.tokenizer.encode_batch(TEXTS[:2] * 8)])
+    idle_cpu = 0.0
+    for _ in range(10):
+        onnx_encoder.session.pool.run(["sentence_embedding"], feeds)  # 16 rows: the two-thread pool
+        started = time.process_time()
+        time.sleep(0.05)
+        idle_cpu += time.process_time() - started
+    assert idle_cpu < 0.05, f"{idle_cpu:.3f} s of CPU in 0.5 s of idling"  # spinning: ~0.25 s
