@@ -10,6 +10,7 @@ training stops after `patience` epochs without improvement.
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import logging
 import math
@@ -31,6 +32,24 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.json"
 VALID_METRIC = "ndcg@50"
+
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(limit: int = 1 << 30) -> None:
+    """Let this process's allocator keep and reuse freed blocks of up to `limit` bytes. The loss's (positions x
+    items) matrices, tens of MB, change size with every batch; glibc maps each from the OS afresh (its own
+    threshold stops at 32 MB) and gives it back when freed, so every step paid the page faults of zeroed
+    memory again: 15% of an epoch, on one thread or two (EVALUATION.md, issue 15, session 12). The same
+    products run either way. Another C library: left as it is."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, limit)
+    libc.mallopt(M_TRIM_THRESHOLD, limit)
 
 
 def pick_device() -> torch.device:
@@ -157,6 +176,7 @@ def train(
     data_digest (evaluate.data_digest) is kept in the history: a later run on other data retrains.
     """
     device = device or pick_device()
+    keep_freed_memory()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model_config = config.model
