@@ -70,7 +70,8 @@ def upload_items(producer, items: list[dict]) -> list[str]:
 def test_worker_killed_mid_batch_loses_nothing(stack, producer):
     acknowledged = upload_batch(producer, "acked", 20)
     wait_offline(stack, acknowledged)  # online and offline written: these offsets may be committed
-    in_flight = [unique_id("in-flight") for _ in range(300)]  # several micro-batches of work
+    # Seconds of work even on a fast CPU: 300 were all online before the first poll returned on an AMX Xeon.
+    in_flight = [unique_id("in-flight") for _ in range(3000)]
     for item_id in in_flight:
         producer.send("item-uploads", key=item_id.encode(),
                       value=json.dumps(item_event({"item_id": item_id, "title": f"Gardening {item_id}"})).encode())
