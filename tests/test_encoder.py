@@ -98,4 +98,4 @@ def test_an_idle_session_leaves_the_cores_to_others(encoders_pair):
         started = time.process_time()
         time.sleep(0.05)
         idle_cpu += time.process_time() - started
-    assert idle_cpu < 0.05, f"{idle_cpu:.3f} s of CPU in 0.5 s of idling"  # spinning: ~0.25 s
+    assert idle_cpu < 0.1, f"{idle_cpu:.3f} s of CPU in 0.5 s of idling"  # spinning: ~0.25 s; sleeping: ~0.001 s
