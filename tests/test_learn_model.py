@@ -46,6 +46,37 @@ def test_excluded_candidates_and_log_q_by_hand():
     assert dense_all_action_loss(user, items, positives, 1.0, log_q=log_q).item() == pytest.approx(want, rel=1e-5)
 
 
+def test_dense_all_action_loss_gradients_match_the_plain_expression():
+    """The loss makes, masks and differentiates its (P, M) logits in one buffer, by hand: its gradients must be
+    the ones autograd finds for the same loss written plainly."""
+    torch.manual_seed(0)
+    P, M, K, D = 7, 9, 3, 4
+    user = torch.randn(P, D, dtype=torch.float64, requires_grad=True)
+    items = torch.randn(M, D, dtype=torch.float64, requires_grad=True)
+    positives = torch.randint(0, M, (P, K))
+    positives[2, 1:] = -1  # sequences that end early
+    positives[5, 2] = -1
+    excluded = torch.rand(P, M) < 0.3
+    log_q = torch.randn(M, dtype=torch.float64)
+
+    def plain(user, items):
+        logits = (user / 0.5) @ items.T - log_q
+        valid = positives >= 0
+        not_negative = excluded.clone()
+        not_negative[torch.arange(P)[:, None].expand(P, K)[valid], positives[valid]] = True
+        negatives = torch.logsumexp(logits.masked_fill(not_negative, float("-inf")), dim=1, keepdim=True)
+        positive = logits.gather(1, positives.clamp(min=0))
+        return (torch.logaddexp(positive, negatives) - positive)[valid].mean()
+
+    fused = dense_all_action_loss(user, items, positives, 0.5, excluded, log_q)
+    want = plain(user, items)
+    assert fused.item() == pytest.approx(want.item(), rel=1e-12)
+    got_grads = torch.autograd.grad(fused, (user, items))
+    want_grads = torch.autograd.grad(want, (user, items))
+    for got, expected in zip(got_grads, want_grads):
+        assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_history_exclusions_cover_what_came_at_or_before_each_position():
     inputs = torch.tensor([[5, 7, 5, -1]])  # one window; candidates table: items 5, 6, 7 → rows 0, 1, 2
     row_of = torch.full((10,), -1)
