@@ -13,7 +13,7 @@ import torch
 from encoders.training.configs import get_config
 from encoders.training.datasets import make_split
 from encoders.training.evaluate import Paths, current_history, summarise, trained_learn, train_missing
-from encoders.training.model import LEARN, LEARNConfig, Whitening, dense_all_action_loss
+from encoders.training.model import LEARN, LEARNConfig, Packing, Whitening, dense_all_action_loss
 from encoders.training.train import Candidates, history_exclusions, train, window_batches
 from tests.learn_fixtures import ml100k, ml100k_small  # noqa: F401  (fixtures)
 
@@ -37,7 +37,7 @@ def test_excluded_candidates_and_log_q_by_hand():
     items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # logits (1, 0, -1)
     positives = torch.tensor([[0]])
     # Item 1 excluded (say, in the user's history): the positive competes with item 2 alone.
-    excluded = torch.tensor([[False, True, False]])
+    excluded = (torch.tensor([0]), torch.tensor([1]))
     want = math.log(1 + math.exp(-2))
     assert dense_all_action_loss(user, items, positives, 1.0, excluded).item() == pytest.approx(want, rel=1e-6)
     # logQ: each logit minus log q; a popular negative (q = e^-1 > the positive's e^-3) counts for less.
@@ -56,13 +56,14 @@ def test_dense_all_action_loss_gradients_match_the_plain_expression():
     positives = torch.randint(0, M, (P, K))
     positives[2, 1:] = -1  # sequences that end early
     positives[5, 2] = -1
-    excluded = torch.rand(P, M) < 0.3
+    excluded = (torch.rand(P, M) < 0.3).nonzero(as_tuple=True)  # (p, m) pairs
     log_q = torch.randn(M, dtype=torch.float64)
 
     def plain(user, items):
         logits = (user / 0.5) @ items.T - log_q
         valid = positives >= 0
-        not_negative = excluded.clone()
+        not_negative = torch.zeros(P, M, dtype=torch.bool)
+        not_negative[excluded] = True
         not_negative[torch.arange(P)[:, None].expand(P, K)[valid], positives[valid]] = True
         negatives = torch.logsumexp(logits.masked_fill(not_negative, float("-inf")), dim=1, keepdim=True)
         positive = logits.gather(1, positives.clamp(min=0))
@@ -77,12 +78,16 @@ def test_dense_all_action_loss_gradients_match_the_plain_expression():
         assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_history_exclusions_cover_what_came_at_or_before_each_position():
-    inputs = torch.tensor([[5, 7, 5, -1]])  # one window; candidates table: items 5, 6, 7 → rows 0, 1, 2
-    row_of = torch.full((10,), -1)
-    row_of[torch.tensor([5, 6, 7])] = torch.arange(3)
-    got = history_exclusions(inputs, row_of, 3)[0]  # (N=4, M=3)
-    want = torch.tensor([[True, False, False], [True, False, True], [True, False, True], [True, False, True]])
+def test_history_exclusions_cover_what_came_at_or_before_each_position_in_its_window():
+    # Window 0: items 5, 7, 5; window 1: items 6, 9 (9 is not a candidate). Candidates 5, 6, 7 → rows 0, 1, 2.
+    window = torch.tensor([0, 0, 0, 1, 1])
+    position = torch.tensor([0, 1, 2, 0, 1])
+    rows = torch.tensor([0, 2, 0, 1, -1])
+    p, m = history_exclusions(window, position, rows, max_history=4)
+    got = torch.zeros(5, 3, dtype=torch.bool)
+    got[p, m] = True
+    want = torch.tensor([[True, False, False], [True, False, True], [True, False, True],
+                         [False, True, False], [False, True, False]])
     assert torch.equal(got, want)
 
 
@@ -156,14 +161,36 @@ def test_windows_cover_every_next_action_once():
                      next_k=2, batch_size=3)
     train_seqs = [np.arange(10), np.arange(20, 23), np.array([30])]
     batches = list(window_batches(train_seqs, config, np.random.default_rng(0)))
-    inputs = np.concatenate([b[0] for b in batches])
-    targets = np.concatenate([b[1] for b in batches])
+    inputs = np.concatenate([b.inputs for b in batches])
+    targets = np.concatenate([b.targets for b in batches])
     got = sorted((int(i), *t.tolist()) for row_i, row_t in zip(inputs, targets) for i, t in zip(row_i, row_t) if i >= 0)
     # Every position that has a next action is an input exactly once, with its next K=2 actions (-1: none);
     # the last item of a sequence, and a 1-item sequence, have no next action.
     want = [(i, i + 1, i + 2 if i + 2 <= 9 else -1) for i in range(9)] + [(20, 21, 22), (21, 22, -1)]
     assert got == want
-    assert inputs.shape[1] == 4 and (inputs >= 0).sum(axis=1).max() <= 4
+    assert inputs.shape[1] == 4
+    # Packed: a row holds whole windows side by side, each numbered from position 0, and rows are saved.
+    for b in batches:
+        for row_window, row_position, row_input in zip(b.window, b.position, b.inputs):
+            for w in set(row_window[row_window >= 0].tolist()):
+                (at,) = np.nonzero(row_window == w)
+                assert np.array_equal(at, np.arange(at[0], at[0] + len(at)))  # contiguous
+                assert np.array_equal(row_position[at], np.arange(len(at)))
+            assert np.array_equal(row_window >= 0, row_input >= 0)
+    assert sum(len(b.inputs) for b in batches) < len({(id(b), w) for b in batches for w in b.window.ravel() if w >= 0})
+
+
+def test_packed_histories_are_the_same_as_apart():
+    """Training packs several windows to a row; each must get exactly the vectors it gets in a row of its own."""
+    model = tiny_model(id_residual=True)
+    first, second = torch.tensor([3, 1, 4]), torch.tensor([1, 5])
+    packed = torch.tensor([[3, 1, 4, 1, 5]])
+    packing = Packing(history=torch.tensor([[0, 0, 0, 1, 1]]), position=torch.tensor([[0, 1, 2, 0, 1]]))
+    with torch.no_grad():
+        together = model.user_vectors(packed, packing)[0]
+        apart = [model.user_vectors(h[None])[0] for h in (first, second)]
+    assert torch.allclose(together, torch.cat(apart), atol=1e-6)
+    assert not torch.allclose(together[3:], model.user_vectors(packed)[0, 3:], atol=1e-3)  # unpacked: it would see the first
 
 
 def small_config(**overrides):

@@ -28,7 +28,9 @@ L2-normalised vector of the same size, so a user-item score is a cosine.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -62,21 +64,52 @@ class LEARNConfig:
         assert 0.0 <= self.id_dropout < 1.0 and (self.id_residual or self.id_dropout == 0.0)
 
 
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """F.dropout(x, p) in training, with masks from 16 random bits per element. torch's own CPU dropout draws each
+    element through a Bernoulli distribution object (its MKL path is taken on Intel CPUs only): 6.2 ms for the item
+    tower's 1,678 x 512 activations on a Zen 4 core against 1.1 ms here, and 14% of a training step over the seven
+    dropouts of a step (EVALUATION.md, issue 15, session 13). p is applied to 1/65,536."""
+    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+    keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= round(p * 65536) - 32768  # chance 1 - p
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Module):
+    """nn.Dropout over `dropout`'s cheaper masks."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        assert 0.0 <= p < 1.0
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p) if self.training and self.p > 0 else x
+
+
+class Packing(NamedTuple):
+    """Several histories in one row of the user tower's input (training packs its windows so that fewer rows are
+    padding): which of the row's histories each input belongs to, and its position in that history."""
+
+    history: torch.Tensor  # (B, T) a history's number, the same for all its inputs (any value at padding)
+    position: torch.Tensor  # (B, T) 0 at each history's first input (0 at padding)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: LEARNConfig):
         super().__init__()
         self.n_heads = config.n_heads
         self.qkv = nn.Linear(config.dim, 3 * config.dim)
         self.proj = nn.Linear(config.dim, config.dim)
-        self.dropout = config.dropout
+        self.attention_drop = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)  # each (B, T, D)
         q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, T, Dh)
+        # Written out (as scaled_dot_product_attention's own CPU path does with dropout) to use the cheaper masks.
+        scores = (q @ k.transpose(2, 3)).mul_(1.0 / math.sqrt(D // self.n_heads))  # (B, H, T, T)
+        weights = torch.softmax(scores.masked_fill_(~allowed, float("-inf")), dim=-1)
+        y = self.attention_drop(weights) @ v  # (B, H, T, Dh)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -90,7 +123,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.dim)
         self.mlp = nn.Sequential(
             nn.Linear(config.dim, 4 * config.dim), nn.GELU(), nn.Linear(4 * config.dim, config.dim),
-            nn.Dropout(config.dropout),
+            Dropout(config.dropout),
         )
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -105,25 +138,31 @@ class PCH(nn.Module):
         super().__init__()
         self.input = nn.Linear(in_dim, config.dim)
         self.position = nn.Embedding(config.max_history, config.dim)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.dim)
         self.head = nn.Linear(config.dim, config.out_dim)
 
-    def forward(self, content: torch.Tensor, mask: torch.Tensor, id_residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self.over_projected(self.input(content), mask, id_residual)
+    def forward(self, content: torch.Tensor, mask: torch.Tensor, id_residual: torch.Tensor | None = None,
+                packing: Packing | None = None) -> torch.Tensor:
+        return self.over_projected(self.input(content), mask, id_residual, packing)
 
-    def over_projected(self, x: torch.Tensor, mask: torch.Tensor, id_residual: torch.Tensor | None = None) -> torch.Tensor:
+    def over_projected(self, x: torch.Tensor, mask: torch.Tensor, id_residual: torch.Tensor | None = None,
+                       packing: Packing | None = None) -> torch.Tensor:
         """forward() from the input projection's output x (B, T, D) on: training projects the content table
         once per step and indexes it, which is fewer products than projecting every position."""
         B, T, _ = x.shape
         assert T <= self.position.num_embeddings, f"history of {T} > max_history"
         if id_residual is not None:
             x = x + id_residual  # (B, T, D), zero for items never trained on
-        x = self.drop(x + self.position(torch.arange(T, device=x.device)))
+        position = torch.arange(T, device=x.device) if packing is None else packing.position
+        x = self.drop(x + self.position(position))
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
         itself = torch.eye(T, dtype=torch.bool, device=x.device)  # keeps padded rows from being empty
-        allowed = (causal & (mask[:, None, :].bool() | itself))[:, None]  # (B, 1, T, T)
+        seen = mask[:, None, :].bool()  # (B, 1, T)
+        if packing is not None:  # a row's histories do not see each other
+            seen = seen & (packing.history[:, :, None] == packing.history[:, None, :])  # (B, T, T)
+        allowed = (causal & (seen | itself))[:, None]  # (B, 1, T, T)
         for block in self.blocks:
             x = block(x, allowed)
         return F.normalize(self.head(self.ln_f(x)), dim=-1)  # (B, T, out_dim)
@@ -135,11 +174,11 @@ class ItemTower(nn.Module):
     def __init__(self, config: LEARNConfig):
         super().__init__()
         self.kind = config.item_tower
-        self.content_drop = nn.Dropout(config.content_dropout)
+        self.content_drop = Dropout(config.content_dropout)
         if self.kind == "mlp":
             self.input = nn.Linear(config.content_dim, config.item_hidden)
             self.output = nn.Sequential(
-                nn.GELU(), nn.Dropout(config.dropout), nn.Linear(config.item_hidden, config.out_dim)
+                nn.GELU(), Dropout(config.dropout), nn.Linear(config.item_hidden, config.out_dim)
             )
         else:
             self.pch = PCH(config, config.content_dim)
@@ -209,14 +248,15 @@ class LEARN(nn.Module):
             keep = keep & (torch.rand(items.shape, device=items.device) >= self.config.id_dropout)
         return table(items) * keep[..., None]
 
-    def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
-        """history (B, T) item indices, right-padded with -1 → (B, T, out_dim): one vector per prefix."""
+    def user_vectors(self, history: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        """history (B, T) item indices, right-padded with -1 → (B, T, out_dim): one vector per prefix
+        (of each of a row's histories, with `packing`)."""
         mask = history >= 0  # (B, T)
         items = history.clamp(min=0)
         if self.config.shared_input:
-            return self.history_vectors(self.content[items], mask, self.history_id_parts(items))
+            return self.history_vectors(self.content[items], mask, self.history_id_parts(items), packing)
         projected = self.user_tower.input(self.whitening(self.content))  # (I, D): the same as per position, cheaper
-        return self.user_tower.over_projected(projected[items], mask, self.history_id_parts(items))
+        return self.user_tower.over_projected(projected[items], mask, self.history_id_parts(items), packing)
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """items (...) item indices → (..., out_dim)."""
@@ -226,11 +266,11 @@ class LEARN(nn.Module):
     # looked up by the caller (zero for items never trained on).
 
     def history_vectors(self, content: torch.Tensor, mask: torch.Tensor,
-                        id_parts: torch.Tensor | None = None) -> torch.Tensor:
+                        id_parts: torch.Tensor | None = None, packing: Packing | None = None) -> torch.Tensor:
         """(B, T, C) history content + (B, T) mask [+ (B, T, W) history ID parts] → (B, T, out_dim)."""
         if self.config.shared_input:
-            return self.user_tower(self.content_item_vectors(content, id_parts), mask)
-        return self.user_tower(self.whitening(content), mask, id_parts)
+            return self.user_tower(self.content_item_vectors(content, id_parts), mask, packing=packing)
+        return self.user_tower(self.whitening(content), mask, id_parts, packing)
 
     def content_item_vectors(self, content: torch.Tensor, id_parts: torch.Tensor | None = None) -> torch.Tensor:
         """(..., C) content [+ (..., H) ID parts] → (..., out_dim)."""
@@ -255,14 +295,14 @@ class LEARN(nn.Module):
 
 def dense_all_action_loss(
     user: torch.Tensor, items: torch.Tensor, positives: torch.Tensor, temperature: float,
-    excluded: torch.Tensor | None = None, log_q: torch.Tensor | None = None,
+    excluded: tuple[torch.Tensor, torch.Tensor] | None = None, log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE of every prefix vector against each of its next actions.
 
     user:      (P, D) unit user vectors, one per prefix position
     items:     (M, D) unit vectors of the candidate items (the batch's, a sampled pool, or all)
     positives: (P, K) row indices into `items` of the next K actions, -1 where the sequence ended
-    excluded:  (P, M) bool, candidates that are never negatives of p (its history, untrainable items)
+    excluded:  (rows, columns) index pairs (p, m): candidate m is never a negative of p (it is in p's history)
     log_q:     (M,) log sampling probability of each candidate: subtracted from the logits (logQ
                correction of sampled negatives, Yi et al. 2019)
     For each (p, k): -log softmax of the positive among {itself} ∪ {candidates that are neither a
@@ -273,8 +313,10 @@ def dense_all_action_loss(
     valid = positives >= 0  # (P, K)
     rows = torch.arange(P, device=user.device)[:, None].expand(P, K)
     not_negative = (rows[valid], positives[valid])  # accidental hits: no positive is a negative
+    if excluded is not None:
+        not_negative = tuple(torch.cat(pair) for pair in zip(not_negative, excluded))
     positive, negatives = _PositivesAndNegatives.apply(user / temperature, items, positives.clamp(min=0),
-                                                       not_negative, excluded, log_q)  # (P, K), (P, 1)
+                                                       not_negative, log_q)  # (P, K), (P, 1)
     loss = torch.logaddexp(positive, negatives) - positive  # (P, K)
     return loss[valid].mean()
 
@@ -286,7 +328,7 @@ ROWS_PER_PRODUCT = 256
 
 class _PositivesAndNegatives(torch.autograd.Function):
     """logits = user @ items.T - log_q, then (each row's logits at `positives`, each row's log-sum-exp over the
-    candidates that are neither in `not_negative` nor `excluded`), with the (P, M) logits made, masked and
+    candidates that are not among its `not_negative` index pairs), with the (P, M) logits made, masked and
     exponentiated in one buffer that the backward pass turns into its gradient in place.
 
     Autograd over the same expression made and kept about eight (P, M) float matrices a step (fill, shift,
@@ -294,7 +336,7 @@ class _PositivesAndNegatives(torch.autograd.Function):
     step; this makes one (EVALUATION.md, issue 15, session 13)."""
 
     @staticmethod
-    def forward(ctx, user, items, positives, not_negative, excluded, log_q):
+    def forward(ctx, user, items, positives, not_negative, log_q):
         logits = user.new_empty(len(user), len(items))  # (P, M)
         for start in range(0, len(user), ROWS_PER_PRODUCT):
             end = start + ROWS_PER_PRODUCT
@@ -302,8 +344,6 @@ class _PositivesAndNegatives(torch.autograd.Function):
         if log_q is not None:
             logits -= log_q
         positive = logits.gather(1, positives)  # (P, K)
-        if excluded is not None:
-            logits.masked_fill_(excluded, float("-inf"))
         logits.index_put_(not_negative, logits.new_tensor(float("-inf")))
         top = logits.amax(dim=1, keepdim=True)  # (P, 1)
         top.masked_fill_(top.isinf(), 0.0)  # a row with no negatives: -inf stays -inf
@@ -318,4 +358,4 @@ class _PositivesAndNegatives(torch.autograd.Function):
         grad_logits = shifted.mul_(grad_negatives / total)  # d lse / d logit = softmax over the negatives
         grad_logits.scatter_add_(1, positives, grad_positive)
         # (∂ user, ∂ items); positives, masks and log_q take no gradient
-        return grad_logits @ items, grad_logits.T @ user, None, None, None, None
+        return grad_logits @ items, grad_logits.T @ user, None, None, None

@@ -2,7 +2,8 @@
 
 An epoch cuts every user's training sequence into windows of at most N
 items (window borders shift by a random offset each epoch) and visits each
-window once. After each epoch the model is scored on the validation targets
+window once; a step's windows are packed several to a row of the user
+tower, each seeing only itself. After each epoch the model is scored on the validation targets
 (full ranking, NDCG@50); the best epoch is kept as the checkpoint and
 training stops after `patience` epochs without improvement.
 """
@@ -17,6 +18,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from encoders.training.configs import TrainConfig
 from encoders.training.datasets import Split
 from encoders.training.metrics import rank_metrics, target_ranks
-from encoders.training.model import LEARN, LEARNConfig, dense_all_action_loss
+from encoders.training.model import LEARN, LEARNConfig, Packing, dense_all_action_loss
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,34 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class Windows(NamedTuple):
+    """One training step: its windows packed several to a row of N inputs (`pack`)."""
+
+    inputs: np.ndarray  # (R, N) item indices, -1 = padding
+    targets: np.ndarray  # (R, N, K) each input's next K actions, -1 = none
+    window: np.ndarray  # (R, N) which of the step's windows each input belongs to, -1 = padding
+    position: np.ndarray  # (R, N) each input's position in its window, 0 at padding
+
+    def to(self, device: torch.device) -> Windows:
+        return Windows(*(torch.from_numpy(array).to(device) for array in self))
+
+
+def pack(lengths: list[int], width: int) -> tuple[list[tuple[int, int]], int]:
+    """First-fit decreasing: (row, offset) of each length in rows of `width`, and the number of rows. A third of a
+    step's rows was padding with one window to a row (windows are 1..N long); packed, ~5% is."""
+    free: list[int] = []  # room left in each row
+    placed = [(0, 0)] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), len(free))
+        if row == len(free):
+            free.append(width)
+        placed[i] = (row, width - free[row])
+        free[row] -= lengths[i]
+    return placed, len(free)
+
+
 def window_batches(train: list[np.ndarray], config: TrainConfig, rng: np.random.Generator):
-    """Yield (inputs (B, N), targets (B, N, K)) item-index arrays, -1 = padding, for one epoch."""
+    """Yield one epoch's Windows, config.batch_size windows a step."""
     N, K = config.model.max_history, config.next_k
     windows = []  # (user, start, end): positions start..end-1 are inputs, each with ≥1 next action
     for user, seq in enumerate(train):
@@ -68,15 +96,18 @@ def window_batches(train: list[np.ndarray], config: TrainConfig, rng: np.random.
     order = rng.permutation(len(windows))
     for begin in range(0, len(order), config.batch_size):
         picked = [windows[i] for i in order[begin : begin + config.batch_size]]
-        inputs = np.full((len(picked), N), -1, dtype=np.int64)
-        targets = np.full((len(picked), N, K), -1, dtype=np.int64)
-        for row, (user, start, end) in enumerate(picked):
-            seq = train[user]
-            inputs[row, : end - start] = seq[start:end]
+        placed, rows = pack([end - start for _, start, end in picked], N)
+        batch = Windows(np.full((rows, N), -1), np.full((rows, N, K), -1), np.full((rows, N), -1),
+                        np.zeros((rows, N), dtype=np.int64))
+        for w, ((user, start, end), (row, offset)) in enumerate(zip(picked, placed)):
+            seq, span = train[user], slice(offset, offset + end - start)
+            batch.inputs[row, span] = seq[start:end]
+            batch.window[row, span] = w
+            batch.position[row, span] = np.arange(end - start)
             for t, position in enumerate(range(start, end)):
                 following = seq[position + 1 : position + 1 + K]
-                targets[row, t, : len(following)] = following
-        yield inputs, targets
+                batch.targets[row, offset + t, : len(following)] = following
+        yield batch
 
 
 class Candidates:
@@ -103,27 +134,32 @@ class Candidates:
         return torch.log(self.popularity[table]) if self.config.loss == "sampled" else None
 
 
-def history_exclusions(inputs: torch.Tensor, row_of: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, N, M) bool: candidate m is in window b's inputs at or before position t."""
-    B, N = inputs.shape
-    rows = torch.where(inputs >= 0, row_of[inputs.clamp(min=0)], -1)  # (B, N) candidate rows, -1: none
-    first = torch.full((B, size + 1), N, dtype=torch.long, device=inputs.device)  # last column: a sink
-    positions = torch.arange(N, device=inputs.device).expand(B, N)
-    first.scatter_reduce_(1, torch.where(rows >= 0, rows, size), positions, reduce="amin")
-    return first[:, None, :size] <= torch.arange(N, device=inputs.device)[None, :, None]
+def history_exclusions(window: torch.Tensor, position: torch.Tensor, rows: torch.Tensor,
+                       max_history: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs (p, m): candidate row m is among the inputs of input p's window at or before p. The inputs
+    are given by window (P,), position in it (P,) and candidate row (P,) (-1: not a candidate)."""
+    by_window = torch.full((int(window.max()) + 1, max_history), -1, dtype=torch.long, device=rows.device)
+    by_window[window, position] = rows
+    earlier = by_window[window]  # (P, N): the candidate rows of each input's window, by position
+    counted = (torch.arange(max_history, device=rows.device) <= position[:, None]) & (earlier >= 0)
+    p, t = counted.nonzero(as_tuple=True)
+    return p, earlier[p, t]
 
 
-def batch_loss(model: LEARN, inputs: torch.Tensor, targets: torch.Tensor, config: TrainConfig,
-               candidates: Candidates) -> torch.Tensor:
-    """Dense all-action loss of one batch against the run's candidates."""
+def batch_loss(model: LEARN, batch: Windows, config: TrainConfig, candidates: Candidates) -> torch.Tensor:
+    """Dense all-action loss of one step's windows (tensors) against the run's candidates."""
+    inputs, targets = batch.inputs, batch.targets
     present = torch.cat([inputs[inputs >= 0], targets[targets >= 0]])
     table = candidates.table(present)  # (M,)
     row_of = torch.full((len(model.content),), -1, dtype=torch.long, device=inputs.device)
     row_of[table] = torch.arange(len(table), device=inputs.device)
-    positions = inputs >= 0  # (B, N)
-    user = model.user_vectors(inputs)[positions]  # (P, D)
-    positives = torch.where(targets >= 0, row_of[targets.clamp(min=0)], -1)[positions]  # (P, K)
-    excluded = history_exclusions(inputs, row_of, len(table))[positions] if config.mask_history else None
+    real = inputs >= 0  # (R, N)
+    user = model.user_vectors(inputs, Packing(batch.window, batch.position))[real]  # (P, D)
+    positives = torch.where(targets >= 0, row_of[targets.clamp(min=0)], -1)[real]  # (P, K)
+    excluded = None
+    if config.mask_history:
+        excluded = history_exclusions(batch.window[real], batch.position[real], row_of[inputs[real]],
+                                      config.model.max_history)
     return dense_all_action_loss(user, model.item_vectors(table), positives, config.model.temperature,
                                  excluded, candidates.log_q(table))
 
@@ -200,9 +236,8 @@ def train(
         progress = tqdm(batches, desc=f"{config.name} [{split.protocol}] epoch {epoch}", leave=False,
                         disable=not show_progress)
         losses = []
-        for inputs, targets in progress:
-            loss = batch_loss(model, torch.from_numpy(inputs).to(device), torch.from_numpy(targets).to(device),
-                              config, candidates)
+        for batch in progress:
+            loss = batch_loss(model, batch.to(device), config, candidates)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
