@@ -220,7 +220,8 @@ def train(
     model = LEARN(model_config, torch.from_numpy(content), torch.from_numpy(split.trained_items())).to(device)
     averaged = copy.deepcopy(model) if config.ema_decay else model  # what is validated and kept
     candidates = Candidates(config, split, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one kernel over all parameters instead of a dozen small ops per parameter (5% of a CPU step)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
     history = {"config": config.name, "settings": asdict(config), "protocol": split.protocol,
                "device": str(device), "step_loss": [], "epochs": []}
     if data_digest is not None:
