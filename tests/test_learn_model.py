@@ -14,7 +14,7 @@ from encoders.training.configs import get_config
 from encoders.training.datasets import make_split
 from encoders.training.evaluate import Paths, current_history, summarise, trained_learn, train_missing
 from encoders.training.model import LEARN, LEARNConfig, Packing, Whitening, dense_all_action_loss
-from encoders.training.train import Candidates, history_exclusions, train, window_batches
+from encoders.training.train import Candidates, Patience, history_exclusions, train, window_batches
 from tests.learn_fixtures import ml100k, ml100k_small  # noqa: F401  (fixtures)
 
 
@@ -191,6 +191,15 @@ def test_packed_histories_are_the_same_as_apart():
         apart = [model.user_vectors(h[None])[0] for h in (first, second)]
     assert torch.allclose(together, torch.cat(apart), atol=1e-6)
     assert not torch.allclose(together[3:], model.user_vectors(packed)[0, 3:], atol=1e-3)  # unpacked: it would see the first
+
+
+def test_patience_on_a_window_outlasts_one_lucky_epoch():
+    rising = [0.10, 0.12, 0.18, 0.13, 0.14, 0.15, 0.16, 0.17]  # one lucky epoch, then a curve still rising
+    single = Patience(patience=3)
+    assert [single.exhausted(v) for v in rising][:6] == [False] * 5 + [True]  # stops 3 epochs after the 0.18
+    windowed = Patience(patience=3, window=3)
+    assert not any(windowed.exhausted(v) for v in rising)  # its means dip after the lucky epoch, then pass it
+    assert [windowed.exhausted(v) for v in (0.1, 0.1, 0.1)] == [False, False, True]  # a fall ends it
 
 
 def small_config(**overrides):

@@ -5,7 +5,8 @@ items (window borders shift by a random offset each epoch) and visits each
 window once; a step's windows are packed several to a row of the user
 tower, each seeing only itself. After each epoch the model is scored on the validation targets
 (full ranking, NDCG@50); the best epoch is kept as the checkpoint and
-training stops after `patience` epochs without improvement.
+training stops after `patience` epochs without a better mean over the last
+`stop_window` epochs.
 """
 
 from __future__ import annotations
@@ -199,6 +200,25 @@ def validate(model: LEARN, split: Split) -> dict[str, float]:
     return metrics
 
 
+class Patience:
+    """Early stopping: exhausted after `patience` epochs without a better mean of the last `window` validation
+    values (window 1: of each epoch's own)."""
+
+    def __init__(self, patience: int, window: int = 1):
+        self.patience, self.window = patience, window
+        self.values: list[float] = []
+        self.best, self.stale = float("-inf"), 0
+
+    def exhausted(self, value: float) -> bool:
+        self.values.append(value)
+        recent = float(np.mean(self.values[-self.window :]))
+        if recent > self.best:
+            self.best, self.stale = recent, 0
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
+
+
 def train(
     config: TrainConfig, split: Split, content: np.ndarray, out_dir: Path | None = None,
     max_steps: int | None = None, device: torch.device | None = None, show_progress: bool = True,
@@ -226,7 +246,8 @@ def train(
                "device": str(device), "step_loss": [], "epochs": []}
     if data_digest is not None:
         history["data"] = data_digest
-    best, best_state, stale, step, started = -1.0, None, 0, 0, time.time()
+    best, best_state, step, started = -1.0, None, 0, time.time()
+    patience = Patience(config.patience, config.stop_window)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     for epoch in range(config.max_epochs):
@@ -261,15 +282,13 @@ def train(
         log.info("%s [%s] epoch %d loss %.4f valid %s %.4f%s", config.name, split.protocol, epoch,
                  np.mean(losses), VALID_METRIC, metrics[VALID_METRIC], " *" if improved else "")
         if improved:
-            best, stale = metrics[VALID_METRIC], 0
+            best = metrics[VALID_METRIC]
             best_state = {k: v.detach().clone() for k, v in averaged.state_dict().items()}
             history["best_epoch"] = epoch
             if out_dir is not None:
                 save_checkpoint(Path(out_dir) / CHECKPOINT, config, averaged, history)
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
+        if patience.exhausted(metrics[VALID_METRIC]):
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     history["train_seconds"] = time.time() - started
