@@ -73,7 +73,7 @@ class Windows(NamedTuple):
 
 def pack(lengths: list[int], width: int) -> tuple[list[tuple[int, int]], int]:
     """First-fit decreasing: (row, offset) of each length in rows of `width`, and the number of rows. A third of a
-    step's rows was padding with one window to a row (windows are 1..N long); packed, ~5% is."""
+    step's rows was padding with one window to a row (windows are 1..N long); packed, ~2% is (MovieLens-100K)."""
     free: list[int] = []  # room left in each row
     placed = [(0, 0)] * len(lengths)
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
