@@ -13,7 +13,7 @@ import torch
 from encoders.training.configs import get_config
 from encoders.training.datasets import make_split
 from encoders.training.evaluate import Paths, current_history, summarise, trained_learn, train_missing
-from encoders.training.model import LEARN, LEARNConfig, Packing, Whitening, dense_all_action_loss
+from encoders.training.model import LEARN, LEARNConfig, Packing, Whitening, dense_all_action_loss, dropout
 from encoders.training.train import Candidates, Patience, history_exclusions, train, window_batches
 from tests.learn_fixtures import ml100k, ml100k_small  # noqa: F401  (fixtures)
 
@@ -76,6 +76,15 @@ def test_dense_all_action_loss_gradients_match_the_plain_expression():
     want_grads = torch.autograd.grad(want, (user, items))
     for got, expected in zip(got_grads, want_grads):
         assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_dropout_keeps_each_element_with_chance_one_minus_p_and_keeps_the_mean():
+    torch.manual_seed(0)
+    y = dropout(torch.ones(400_000), 0.3)
+    assert torch.unique(y).tolist() == [0.0, pytest.approx(1 / 0.7)]  # dropped, or kept and scaled
+    kept_by_lane = (y != 0).float().view(-1, 4).mean(dim=0)  # each of an int64's four 16-bit draws is uniform
+    assert torch.allclose(kept_by_lane, torch.full((4,), 0.7), atol=0.005)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)
 
 
 def test_history_exclusions_cover_what_came_at_or_before_each_position_in_its_window():
