@@ -14,7 +14,8 @@ from encoders.training.configs import get_config
 from encoders.training.datasets import make_split
 from encoders.training.evaluate import Paths, current_history, summarise, trained_learn, train_missing
 from encoders.training.model import LEARN, LEARNConfig, Packing, Whitening, dense_all_action_loss, dropout
-from encoders.training.train import Candidates, Patience, history_exclusions, train, window_batches
+from encoders.training.train import (Candidates, Patience, cpu_multiplies_bf16, history_exclusions, train, training_dtype,
+                                     window_batches)
 from tests.learn_fixtures import ml100k, ml100k_small  # noqa: F401  (fixtures)
 
 
@@ -76,6 +77,33 @@ def test_dense_all_action_loss_gradients_match_the_plain_expression():
     want_grads = torch.autograd.grad(want, (user, items))
     for got, expected in zip(got_grads, want_grads):
         assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_under_bf16_autocast_the_loss_stays_fp32_and_its_gradients_close():
+    """Training on a CPU that multiplies bf16 runs the towers under bf16 autocast: the loss's logits must still be
+    fp32 (the same loss from the same vectors) and only its backward products bf16 (gradients within bf16's
+    rounding of the fp32 ones)."""
+    torch.manual_seed(0)
+    P, M, K, D = 300, 500, 2, 64
+    user = torch.nn.functional.normalize(torch.randn(P, D), dim=1).requires_grad_()
+    items = torch.nn.functional.normalize(torch.randn(M, D), dim=1).requires_grad_()
+    positives = torch.randint(0, M, (P, K))
+    want = dense_all_action_loss(user, items, positives, 0.05)
+    want_grads = torch.autograd.grad(want, (user, items))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = dense_all_action_loss(user, items, positives, 0.05)
+    got_grads = torch.autograd.grad(got, (user, items))
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-6)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        assert got_grad.dtype == torch.float32
+        assert not torch.equal(got_grad, want_grad)  # the products did run in bf16
+        assert (got_grad - want_grad).norm() < 0.02 * want_grad.norm()
+
+
+def test_training_precision_follows_the_config_and_the_cpu():
+    cpu = torch.device("cpu")
+    assert training_dtype("fp32", cpu) == torch.float32 and training_dtype("bf16", cpu) == torch.bfloat16
+    assert training_dtype("auto", cpu) == (torch.bfloat16 if cpu_multiplies_bf16() else torch.float32)
 
 
 def test_dropout_keeps_each_element_with_chance_one_minus_p_and_keeps_the_mean():
@@ -225,9 +253,12 @@ def test_every_loss_trains(ml100k_small, loss):
     assert np.isfinite(losses).all() and losses[-10:].mean() < losses[:10].mean()
 
 
-def test_training_smoke_loss_decreases(ml100k_small):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_smoke_loss_decreases(ml100k_small, precision):
     data, content = ml100k_small
-    _, history = train(small_config(), make_split(data, "loo"), content, max_steps=40, show_progress=False)
+    config = small_config(precision=precision)
+    _, history = train(config, make_split(data, "loo"), content, max_steps=40, show_progress=False)
+    assert history["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[precision]
     losses = np.asarray(history["step_loss"])
     assert len(losses) == 40 and np.isfinite(losses).all()
     assert losses[-10:].mean() < losses[:10].mean() - 0.05

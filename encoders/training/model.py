@@ -315,8 +315,14 @@ def dense_all_action_loss(
     not_negative = (rows[valid], positives[valid])  # accidental hits: no positive is a negative
     if excluded is not None:
         not_negative = tuple(torch.cat(pair) for pair in zip(not_negative, excluded))
+    # The logits are fp32 whatever the towers ran in: they reach ±1/temperature, past bf16's precision. Under bf16
+    # autocast (training on a CPU that multiplies bf16) the backward pass's two products run in bf16, as autocast's own
+    # backward products do: 34 → 15 ms a step on Zen 4 (EVALUATION.md, issue 15, session 14).
+    device = user.device.type
+    products = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    user, items = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t for t in (user, items))
     positive, negatives = _PositivesAndNegatives.apply(user / temperature, items, positives.clamp(min=0),
-                                                       not_negative, log_q)  # (P, K), (P, 1)
+                                                       not_negative, log_q, products)  # (P, K), (P, 1)
     loss = torch.logaddexp(positive, negatives) - positive  # (P, K)
     return loss[valid].mean()
 
@@ -329,14 +335,16 @@ ROWS_PER_PRODUCT = 256
 class _PositivesAndNegatives(torch.autograd.Function):
     """logits = user @ items.T - log_q, then (each row's logits at `positives`, each row's log-sum-exp over the
     candidates that are not among its `not_negative` index pairs), with the (P, M) logits made, masked and
-    exponentiated in one buffer that the backward pass turns into its gradient in place.
+    exponentiated in one buffer that the backward pass turns into its gradient in place (its products in
+    `gradient_dtype`, None: the logits').
 
     Autograd over the same expression made and kept about eight (P, M) float matrices a step (fill, shift,
     exp, their gradients, a scattered zero matrix for the gather) — tens of MB each, a fifth of a training
     step; this makes one (EVALUATION.md, issue 15, session 13)."""
 
     @staticmethod
-    def forward(ctx, user, items, positives, not_negative, log_q):
+    @torch.autocast("cpu", enabled=False)
+    def forward(ctx, user, items, positives, not_negative, log_q, gradient_dtype):
         logits = user.new_empty(len(user), len(items))  # (P, M)
         for start in range(0, len(user), ROWS_PER_PRODUCT):
             end = start + ROWS_PER_PRODUCT
@@ -350,6 +358,7 @@ class _PositivesAndNegatives(torch.autograd.Function):
         shifted = logits.sub_(top).exp_()  # (P, M): exp(logit - top), 0 where masked
         total = shifted.sum(dim=1, keepdim=True)  # (P, 1)
         ctx.save_for_backward(user, items, positives, shifted, total)
+        ctx.gradient_dtype = gradient_dtype
         return positive, total.log() + top
 
     @staticmethod
@@ -357,5 +366,8 @@ class _PositivesAndNegatives(torch.autograd.Function):
         user, items, positives, shifted, total = ctx.saved_tensors
         grad_logits = shifted.mul_(grad_negatives / total)  # d lse / d logit = softmax over the negatives
         grad_logits.scatter_add_(1, positives, grad_positive)
-        # (∂ user, ∂ items); positives, masks and log_q take no gradient
-        return grad_logits @ items, grad_logits.T @ user, None, None, None
+        dtype = user.dtype
+        if ctx.gradient_dtype is not None:
+            grad_logits, items, user = (t.to(ctx.gradient_dtype) for t in (grad_logits, items, user))
+        # (∂ user, ∂ items); positives, masks, log_q and the dtype take no gradient
+        return (grad_logits @ items).to(dtype), (grad_logits.T @ user).to(dtype), None, None, None, None
