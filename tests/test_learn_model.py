@@ -1,5 +1,6 @@
 """LEARN towers, the losses on hand-computed examples, the hybrid's cold path, and training smoke runs."""
 
+import json
 import math
 import subprocess
 import sys
@@ -14,8 +15,8 @@ from encoders.training.configs import get_config
 from encoders.training.datasets import make_split
 from encoders.training.evaluate import Paths, current_history, summarise, trained_learn, train_missing
 from encoders.training.model import LEARN, LEARNConfig, Packing, Whitening, dense_all_action_loss, dropout
-from encoders.training.train import (Candidates, Patience, cpu_multiplies_bf16, history_exclusions, train, training_dtype,
-                                     window_batches)
+from encoders.training.train import (Candidates, Patience, Start, cpu_multiplies_bf16, history_exclusions, train,
+                                     training_dtype, window_batches)
 from tests.learn_fixtures import ml100k, ml100k_small  # noqa: F401  (fixtures)
 
 
@@ -362,3 +363,39 @@ def test_training_reuses_freed_memory_for_the_next_steps_tensors():
     faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
                                        check=True).stdout) for mode in ("default", "keep")}
     assert faults["keep"] < faults["default"] / 3, faults
+
+
+def test_a_run_started_from_another_has_its_weights_and_id_parts_at_zero(ml100k_small):
+    data, content = ml100k_small
+    split = make_split(data, "loo")
+    first, _ = train(small_config(), split, content, max_steps=3, show_progress=False)
+    second = replace(small_config(), lr=0.0)  # one step that moves nothing: what it returns is where it started
+    second = replace(second, model=replace(second.model, id_residual=True, id_dropout=0.3))
+    model, history = train(second, split, content, max_steps=1, show_progress=False,
+                           start=Start(first.state_dict(), {"name": "first"}))
+    state = model.state_dict()
+    for name, value in first.state_dict().items():
+        assert torch.equal(state[name], value), name
+    assert not state["item_ids.weight"].any() and not state["user_ids.weight"].any()
+    assert history["init_settings"] == {"name": "first"}
+
+
+def test_a_second_stage_trains_after_its_first_and_goes_stale_with_it(ml100k_small, tmp_path):
+    """The default starts from pure LEARN's towers (init_from): evaluate trains the first stage, then the run that
+    starts from it, side by side with others; a checkpoint that started from other settings is trained again."""
+    data, content = ml100k_small
+    first, second = get_config("learn-minilm-smoke"), get_config("learn-hybrid-minilm-smoke")
+    splits = {("loo", 0): make_split(data, "loo")}
+    paths = Paths(tmp_path)
+    assert train_missing([second, first], splits, data, {first.encoder: content}, paths, jobs=2) == 2
+    first_dir, second_dir = (paths.run_dir(data.name, c, "loo") for c in (first, second))
+    first_history = current_history(first, first_dir, data)
+    second_history = current_history(second, second_dir, data)
+    assert second_history["init_settings"] == first_history["settings"]
+    assert (second_dir / "checkpoint.pt").stat().st_mtime > (first_dir / "checkpoint.pt").stat().st_mtime
+    second_history["init_settings"]["lr"] *= 2
+    (second_dir / "history.json").write_text(json.dumps(second_history))
+    assert current_history(second, second_dir, data) is None
+    alone = Paths(tmp_path / "alone")  # `coldstart train` / export-towers: the first stage is trained on the way
+    run = trained_learn(second, data, splits["loo", 0], content, alone, show_progress=False)
+    assert run.history["init_settings"] == current_history(first, alone.run_dir(data.name, first, "loo"), data)["settings"]

@@ -21,7 +21,7 @@ import logging
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from encoders.training.registry import encoder_config
 from encoders.training.datasets import Interactions, Split, content_embeddings, make_split, prepare_ml100k
 from encoders.training.own_data import ReadReport, read_data
 from encoders.training.metrics import KS, rank_metrics, target_ranks
-from encoders.training.train import CHECKPOINT, HISTORY, load_checkpoint, pick_device, score_all, train
+from encoders.training.train import CHECKPOINT, HISTORY, Start, load_checkpoint, pick_device, score_all, train
 
 log = logging.getLogger(__name__)
 
@@ -117,18 +117,31 @@ def current_history(config: TrainConfig, run_dir: Path, data: Interactions | Non
     if data is not None and "data" in history and history["data"] != data_digest(data):
         log.warning("the checkpoint in %s was trained on other data than %s's now", run_dir, data.name)
         return None
+    if config.init_from and history.get("init_settings") != json.loads(json.dumps(asdict(init_config(config)))):
+        log.warning("the checkpoint in %s started from other settings of %s", run_dir, config.init_from)
+        return None
     return history
 
 
+def init_config(config: TrainConfig) -> TrainConfig:
+    """The config whose towers `config` starts from (config.init_from), on the same seed."""
+    return replace(get_config(config.init_from), seed=config.seed)
+
+
 def trained_learn(config: TrainConfig, data: Interactions, split: Split, content: np.ndarray,
-                  paths: Paths, retrain: bool = False) -> LearnRun:
+                  paths: Paths, retrain: bool = False, show_progress: bool = True) -> LearnRun:
     """The checkpoint of this config on this split, training it first if there is none
     or if it was trained with other settings (a config's numbers changed since)."""
     run_dir = paths.run_dir(data.name, config, split.protocol)
     history = None if retrain else current_history(config, run_dir, data)
     if history is None:
+        start = None
+        if config.init_from:  # its first stage: trained here first if it has no current checkpoint
+            first = trained_learn(init_config(config), data, split, content, paths, show_progress=show_progress)
+            start = Start(first.model.state_dict(), first.history["settings"])
         log.info("training %s on %s [%s]", config.name, data.name, split.protocol)
-        model, history = train(config, split, content, out_dir=run_dir, data_digest=data_digest(data))
+        model, history = train(config, split, content, out_dir=run_dir, data_digest=data_digest(data), start=start,
+                               show_progress=show_progress)
         return LearnRun(config, split.protocol, model, history)
     model = load_checkpoint(run_dir / CHECKPOINT, content).to(pick_device())
     return LearnRun(config, split.protocol, model, history)
@@ -147,6 +160,7 @@ def train_missing(configs: list[TrainConfig], splits: dict[tuple[str, int], Spli
         for config in (replace(c, seed=seed) for c in configs):
             if retrain or current_history(config, paths.run_dir(data.name, config, protocol), data) is None:
                 pending.append((config, split))
+    pending.sort(key=lambda run: bool(run[0].init_from))  # first stages before the runs that start from them
     cores = os.cpu_count() or 1
     jobs = min(jobs or cores, len(pending))
     if jobs <= 1 or pick_device().type == "cuda":  # one run (or a GPU): in this process, with its progress bar
@@ -154,14 +168,27 @@ def train_missing(configs: list[TrainConfig], splits: dict[tuple[str, int], Spli
             trained_learn(config, data, split, contents[config.encoder], paths, retrain=True)
         return len(pending)
     log.info("training %d runs, %d at a time (one process each, %d threads)", len(pending), jobs, max(1, cores // jobs))
-    digest = data_digest(data)
+    # A run that starts from another (init_from) waits for it when that one is pending too.
+    pending_runs = {(config.name, config.seed, split.protocol) for config, split in pending}
+    ready, blocked = [], {}
+    for config, split in pending:
+        first = (config.init_from, config.seed, split.protocol)
+        (blocked.setdefault(first, []) if first in pending_runs else ready).append((config, split))
     context = multiprocessing.get_context("spawn")  # torch's thread pools do not survive a fork
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_training_process,
-                             initargs=(max(1, cores // jobs), logging.getLogger().level)) as pool:
-        runs = [pool.submit(_train_run, config, split, contents[config.encoder],
-                            paths.run_dir(data.name, config, split.protocol), digest) for config, split in pending]
-        for run in tqdm(as_completed(runs), total=len(runs), desc=f"training ({jobs} at a time)"):
-            run.result()  # a failed run raises here
+                             initargs=(max(1, cores // jobs), logging.getLogger().level)) as pool, \
+            tqdm(total=len(pending), desc=f"training ({jobs} at a time)") as progress:
+        running = {pool.submit(_train_run, config, data, split, contents[config.encoder], paths): (config, split)
+                   for config, split in ready}
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for run in done:
+                config, split = running.pop(run)
+                run.result()  # a failed run raises here
+                progress.update()
+                for second, its_split in blocked.pop((config.name, config.seed, split.protocol), []):
+                    run = pool.submit(_train_run, second, data, its_split, contents[second.encoder], paths)
+                    running[run] = (second, its_split)
     return len(pending)
 
 
@@ -170,8 +197,8 @@ def _start_training_process(threads: int, log_level: int) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _train_run(config: TrainConfig, split: Split, content: np.ndarray, run_dir: Path, digest: str) -> None:
-    train(config, split, content, out_dir=run_dir, data_digest=digest, show_progress=False)
+def _train_run(config: TrainConfig, data: Interactions, split: Split, content: np.ndarray, paths: Paths) -> None:
+    trained_learn(config, data, split, content, paths, retrain=True, show_progress=False)
 
 
 def slices_of(split: Split, targets: np.ndarray) -> dict[str, np.ndarray]:

@@ -128,6 +128,13 @@ def window_batches(train: list[np.ndarray], config: TrainConfig, rng: np.random.
         yield batch
 
 
+class Start(NamedTuple):
+    """A trained run that another starts from (TrainConfig.init_from): its weights and its settings."""
+
+    state: dict[str, torch.Tensor]
+    settings: dict
+
+
 class Candidates:
     """The negatives side of the loss for one training run (config.loss): which items each
     batch is contrasted against, with their logQ correction and exclusions."""
@@ -239,9 +246,12 @@ class Patience:
 def train(
     config: TrainConfig, split: Split, content: np.ndarray, out_dir: Path | None = None,
     max_steps: int | None = None, device: torch.device | None = None, show_progress: bool = True,
-    data_digest: str | None = None,
+    data_digest: str | None = None, start: Start | None = None,
 ) -> tuple[LEARN, dict]:
     """Train on split.train; returns the best model (by validation) and the run history.
+
+    start: the trained run to start from (config.init_from): every weight but the ID tables, which the run it
+    came from has not got and which start at zero; its settings are kept in the history.
 
     With out_dir, the best checkpoint is written there whenever validation
     improves, and the history (losses, validation, times) at the end.
@@ -255,6 +265,9 @@ def train(
     model_config = config.model
     assert content.shape[1] == model_config.content_dim, "config.model.content_dim must match the encoder"
     model = LEARN(model_config, torch.from_numpy(content), torch.from_numpy(split.trained_items())).to(device)
+    if start is not None:
+        missing, unexpected = model.load_state_dict(start.state, strict=False)
+        assert not unexpected and all(name.endswith("_ids.weight") for name in missing), (missing, unexpected)
     averaged = copy.deepcopy(model) if config.ema_decay else model  # what is validated and kept
     candidates = Candidates(config, split, device)
     # fused: one kernel over all parameters instead of a dozen small ops per parameter (5% of a CPU step)
@@ -264,6 +277,8 @@ def train(
                "device": str(device), "dtype": str(dtype).removeprefix("torch."), "step_loss": [], "epochs": []}
     if data_digest is not None:
         history["data"] = data_digest
+    if start is not None:
+        history["init_settings"] = start.settings
     best, best_state, step, started = -1.0, None, 0, time.time()
     patience = Patience(config.patience, config.stop_window)
     if out_dir is not None:
