@@ -200,7 +200,8 @@ def train(settings: Settings, config_name: str, protocol: str, data_path: Path |
         run = trained_learn(config, loaded, split, content, paths, retrain=True)
         best = run.history["epochs"][run.history["best_epoch"]]
         click.echo(f"{config.name} [{name}]: best epoch {run.history['best_epoch']} valid ndcg@50 "
-                   f"{best['valid_ndcg@50']:.4f}, {run.history['train_seconds']:.0f} s on {run.history['device']}; "
+                   f"{best['valid_ndcg@50']:.4f}, {run.history['train_seconds']:.0f} s on {run.history['device']} "
+                   f"({run.history['dtype']}); "
                    f"checkpoint in {paths.run_dir(loaded.name, config, name)}")
 
 

@@ -53,8 +53,8 @@ class TrainConfig:
     init_from: str = ""
     seed: int = 0
     # The towers' products in training: "auto" is bf16 (autocast; weights, optimizer and loss stay fp32) where the
-    # CPU multiplies bf16 natively (AVX512-BF16 or AMX), fp32 elsewhere. bf16 ran an epoch 1.35x faster on Zen 4 with
-    # the same validation curve (EVALUATION.md, issue 15, session 14). Evaluation and export are fp32 always.
+    # CPU multiplies bf16 natively (AVX512-BF16 or AMX), fp32 elsewhere. bf16 ran an epoch 1.25–1.3x faster on Zen 4
+    # (its steps 1.45x) with the same validation (EVALUATION.md, issue 15, session 14). Evaluation and export: fp32.
     precision: str = "auto"
     cold_fraction: float = 0.2  # the "cold" protocol's share of items never trained on
 

@@ -187,8 +187,8 @@ def train_missing(configs: list[TrainConfig], splits: dict[tuple[str, int], Spli
                 run.result()  # a failed run raises here
                 progress.update()
                 for second, its_split in blocked.pop((config.name, config.seed, split.protocol), []):
-                    run = pool.submit(_train_run, second, data, its_split, contents[second.encoder], paths)
-                    running[run] = (second, its_split)
+                    now_ready = pool.submit(_train_run, second, data, its_split, contents[second.encoder], paths)
+                    running[now_ready] = (second, its_split)
     return len(pending)
 
 
