@@ -111,16 +111,21 @@ def current_history(config: TrainConfig, run_dir: Path, data: Interactions | Non
     if not (run_dir / HISTORY).exists():
         return None
     history = json.loads((run_dir / HISTORY).read_text())
-    if history.get("settings") != json.loads(json.dumps(asdict(config))):  # as history.json stores it
+    if history.get("settings") != stored_settings(config):
         log.warning("the checkpoint in %s was trained with other settings than %s's", run_dir, config.name)
         return None
     if data is not None and "data" in history and history["data"] != data_digest(data):
         log.warning("the checkpoint in %s was trained on other data than %s's now", run_dir, data.name)
         return None
-    if config.init_from and history.get("init_settings") != json.loads(json.dumps(asdict(init_config(config)))):
+    if config.init_from and history.get("init_settings") != stored_settings(init_config(config)):
         log.warning("the checkpoint in %s started from other settings of %s", run_dir, config.init_from)
         return None
     return history
+
+
+def stored_settings(config: TrainConfig) -> dict:
+    """A config's settings as history.json stores them (tuples become lists)."""
+    return json.loads(json.dumps(asdict(config)))
 
 
 def init_config(config: TrainConfig) -> TrainConfig:
