@@ -304,6 +304,11 @@ def test_the_python_api_and_the_lookup_route_answer_like_the_server(stack, serve
     # CPU they differed by 1.1e-4 (session 15), past the 1e-4 this test used to allow.
     assert stack.settings.index_dtype == "f16"
     assert [i["affinity"] for i in body["items"]] == pytest.approx([r.score for r in found.items], abs=2**-9)
+    # …and the index's score is exactly that: the cosine of the two vectors as f16 stores them.
+    user = sdk.user_embedding.astype(np.float16).astype(np.float64)
+    items = np.stack([c.item_embedding for c in sdk.candidates]).astype(np.float16).astype(np.float64)
+    f16_cosines = items @ user / (np.linalg.norm(items, axis=1) * np.linalg.norm(user))
+    assert [r.score for r in found.items] == pytest.approx(list(f16_cosines), abs=1e-5)
 
 
 def test_coldstart_recommend_prints_the_retrieved_items(stack, server, kids_user):
